@@ -1,0 +1,172 @@
+"""``trim-select select | fingerprint | score``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import app
+from .common import build_configs, console, friendly_errors
+
+Pool = Annotated[Path, typer.Option("--pool", help="Pool file (.jsonl/.jsonl.gz/.json/.parquet/datasets folder).")]
+Targets = Annotated[Path, typer.Option("--targets", help="Target examples (5-10 rows of the target task).")]
+Out = Annotated[Path, typer.Option("--out", help="Output folder (resumable: rerun the same command).")]
+Budget = Annotated[str, typer.Option("--budget", help="Coreset size: a count (1000) or a share (5%).")]
+Model = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), HF folder, .gguf, "
+                                                   "or LoRA adapter folder.")]
+Format = Annotated[str | None, typer.Option("--format", help="messages|sharegpt|alpaca|prompt_response|text "
+                                                           "(default: auto-detect).")]
+Scope = Annotated[str, typer.Option("--scope", help="Tokens that are fingerprinted and scored: all|prompt|response.")]
+ScoreTemplate = Annotated[bool, typer.Option(
+    "--score-template/--content-only",
+    help="With --scope all: also score chat-template scaffolding (role headers, default system prompt). "
+         "--content-only scores message content only.")]
+Layers = Annotated[int, typer.Option("--layers", help="L: attention of the last L layers (Eq. 3, 5).")]
+RowW = Annotated[float, typer.Option("--row-weight", help="w_Q (Eq. 7).")]
+ColW = Annotated[float, typer.Option("--col-weight", help="w_K (Eq. 7).")]
+Penalty = Annotated[str, typer.Option("--penalty", help="lambda for unseen tokens (Eq. 12), or 'none'.")]
+MeanW = Annotated[float, typer.Option("--mean-weight", help="w_mu (Eq. 15).")]
+MaxW = Annotated[float, typer.Option("--max-weight", help="w_m (Eq. 15).")]
+CovW = Annotated[float, typer.Option("--coverage-weight", help="eta (Eq. 15).")]
+Idf = Annotated[bool, typer.Option("--idf/--no-idf", help="Extension: IDF-weighted mean term.")]
+MaxLen = Annotated[int, typer.Option("--max-length", help="Truncate sequences (scope-aware).")]
+BatchTok = Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per forward batch (bounds memory).")]
+Chunk = Annotated[int, typer.Option("--chunk-size", help="Examples per resumable scoring chunk.")]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16.")]
+Skip = Annotated[bool, typer.Option("--skip-invalid", help="Skip bad rows (counted, written to rejected.jsonl) "
+                                                          "instead of stopping.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Discard partial results from other settings.")]
+Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+
+
+def make_selector(model: str, quiet: bool, **kw: Any):
+    from ..selector import TrimSelector
+
+    render, fpc, scoring, runtime = build_configs(**kw)
+    return TrimSelector(model, render=render, fingerprint=fpc, scoring=scoring, runtime=runtime,
+                        progress=not quiet)
+
+
+def summarise(report: dict[str, Any], out: Path) -> None:
+    c = report["counts"]
+    console.print(
+        f"[bold green]done[/] in {report['timings_s'].get('total', 0):.1f}s: scored {c['scored']} "
+        f"(rejected {c['rejected']}, truncated {c['truncated']}, duplicate ids {c['duplicate_ids']}, "
+        f"unscorable {c['minus_inf']}), selected {c['selected']} -> {out}",
+        highlight=False,
+    )
+
+
+@app.command("select")
+@friendly_errors
+def select_cmd(
+    pool: Pool,
+    targets: Targets,
+    budget: Budget,
+    out: Out,
+    model: Model = "default",
+    format: Format = None,
+    target_format: Annotated[str | None, typer.Option("--target-format")] = None,
+    scope: Scope = "all",
+    score_template: ScoreTemplate = True,
+    layers: Layers = 6,
+    row_weight: RowW = 0.5,
+    col_weight: ColW = 0.5,
+    penalty: Penalty = "1.0",
+    mean_weight: MeanW = 0.5,
+    max_weight: MaxW = 0.5,
+    coverage_weight: CovW = 0.05,
+    idf: Idf = False,
+    max_length: MaxLen = 2048,
+    batch_tokens: BatchTok = 16384,
+    chunk_size: Chunk = 2048,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    skip_invalid: Skip = False,
+    overwrite: Overwrite = False,
+    trust_remote_code: Trust = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage I + Stage II + selection: write coreset.jsonl, scores.parquet, fingerprints, run.json."""
+    sel = make_selector(model, quiet, format=format, scope=scope, max_length=max_length,
+                        score_template=score_template, layers=layers, row_weight=row_weight,
+                        col_weight=col_weight, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
+                        coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
+                        batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
+    report = sel.run(pool, out, budget, targets=targets, format=format, target_format=target_format,
+                     skip_invalid=skip_invalid, overwrite=overwrite)
+    summarise(report, out)
+
+
+@app.command("fingerprint")
+@friendly_errors
+def fingerprint_cmd(
+    targets: Targets,
+    out: Annotated[Path, typer.Option("--out", help="Fingerprints file (.safetensors) or folder.")],
+    model: Model = "default",
+    format: Format = None,
+    scope: Scope = "all",
+    score_template: ScoreTemplate = True,
+    layers: Layers = 6,
+    row_weight: RowW = 0.5,
+    col_weight: ColW = 0.5,
+    max_length: MaxLen = 2048,
+    batch_tokens: BatchTok = 16384,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    trust_remote_code: Trust = False,
+) -> None:
+    """Stage I only: build fingerprints from the target set and save them (safetensors)."""
+    sel = make_selector(model, True, format=format, scope=scope, max_length=max_length,
+                        score_template=score_template, layers=layers, row_weight=row_weight,
+                        col_weight=col_weight, penalty="1.0", mean_weight=0.5, max_weight=0.5,
+                        coverage_weight=0.05, idf=False, device=device, dtype=dtype,
+                        batch_tokens=batch_tokens, chunk_size=1, trust_remote_code=trust_remote_code)
+    sel.fit(targets, format=format)
+    path = out / "fingerprints.safetensors" if out.suffix != ".safetensors" else out
+    sel.fingerprints.save(path)
+    fp = sel.fingerprints
+    console.print(f"[bold green]{len(fp)}[/] token-class fingerprints from {fp.meta['n_targets']} targets "
+                  f"({fp.meta['n_target_tokens']} tokens) -> {path}", highlight=False)
+
+
+@app.command("score")
+@friendly_errors
+def score_cmd(
+    pool: Pool,
+    fingerprints: Annotated[Path, typer.Option("--fingerprints", help="File from `trim-select fingerprint`.")],
+    out: Out,
+    budget: Annotated[str | None, typer.Option("--budget", help="Also select a coreset of this size.")] = None,
+    model: Model = "default",
+    format: Format = None,
+    penalty: Penalty = "1.0",
+    mean_weight: MeanW = 0.5,
+    max_weight: MaxW = 0.5,
+    coverage_weight: CovW = 0.05,
+    idf: Idf = False,
+    max_length: MaxLen = 2048,
+    batch_tokens: BatchTok = 16384,
+    chunk_size: Chunk = 2048,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    skip_invalid: Skip = False,
+    overwrite: Overwrite = False,
+    trust_remote_code: Trust = False,
+    quiet: Quiet = False,
+) -> None:
+    """Stage II with saved fingerprints (scope and template settings come from the file)."""
+    from ..fingerprints import Fingerprints
+
+    meta = Fingerprints.load(fingerprints).meta.get("render", {})
+    sel = make_selector(model, quiet, format=format, scope=meta.get("scope", "all"), max_length=max_length,
+                        score_template=meta.get("score_template", True), layers=6, row_weight=0.5,
+                        col_weight=0.5, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
+                        coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
+                        batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
+    report = sel.run(pool, out, budget, fingerprints=fingerprints, format=format, skip_invalid=skip_invalid,
+                     overwrite=overwrite)
+    summarise(report, out)

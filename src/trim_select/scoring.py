@@ -1,0 +1,235 @@
+"""Stage II: token matching and the robust sample score (Eq. 10-15).
+
+For each in-scope, non-special token ``j`` of a candidate ``c``::
+
+    s_j = cos(h^_j, f_{t_j})                       seen class          (Eq. 10)
+    s_j = lambda * cos(h^_j, f_{t_bar_j})          unseen class        (Eq. 11-12)
+    S(c) = w_mu mean_j s_j + w_m max_j s_j + eta |M(c)| / |c|          (Eq. 13, 15)
+
+Everything is vectorised: a vocabulary-sized table maps a token id to its fingerprint row and
+weight (computed once, :class:`TokenMatcher`), so a batch costs one base-model forward (no LM head,
+no attentions), a gather, a row-wise dot product and masked segment reductions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+
+from .batching import collate, plan_batches, run_with_backoff
+from .data import TokenSequence, as_sequence
+from .fingerprints import Fingerprints, _pad_id
+from .models import base_model, embedding_matrix
+
+
+class TokenMatcher:
+    """Vocabulary-sized lookup: token id -> fingerprint row, weight (1, lambda or 0), unseen flag.
+
+    Unseen classes map to the nearest fingerprinted class by cosine of unit input embeddings
+    (Eq. 11; ties to the smallest token id), computed with a chunked matmul.
+    """
+
+    def __init__(self, fp: Fingerprints, embeddings: torch.Tensor, penalty: float | None = 1.0,
+                 device: torch.device | str | None = None, chunk: int = 8192,
+                 idf: np.ndarray | None = None):
+        device = torch.device(device) if device is not None else embeddings.device
+        vocab = embeddings.shape[0]
+        ids = torch.as_tensor(fp.token_ids, dtype=torch.long)
+        if len(ids) and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(f"fingerprint token ids exceed the model's vocabulary ({vocab}): wrong model?")
+        self.vectors = torch.as_tensor(fp.vectors, dtype=torch.float32, device=device)
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[ids] = True
+        row = torch.full((vocab,), -1, dtype=torch.long)
+        row[ids] = torch.arange(len(ids))
+        if penalty is not None and len(ids):
+            emb = torch.nn.functional.normalize(embeddings.detach().float().to(device), dim=-1)
+            fp_emb = emb[ids.to(device)].T.contiguous()
+            unseen_ids = torch.nonzero(~seen).squeeze(1)
+            for start in range(0, len(unseen_ids), chunk):
+                part = unseen_ids[start:start + chunk]
+                sims = emb[part.to(device)] @ fp_emb  # [chunk, F]
+                row[part] = sims.argmax(dim=1).cpu()  # first max = smallest token id (ids sorted)
+        weight = torch.zeros(vocab, dtype=torch.float32)
+        weight[seen] = 1.0
+        if penalty is not None:
+            weight[~seen] = float(penalty)
+        self.row = row.clamp_min(0).to(device)
+        self.weight = weight.to(device)
+        self.scored = (seen | (penalty is not None)).to(device) if len(ids) else torch.zeros(
+            vocab, dtype=torch.bool, device=device)
+        self.unseen = (~seen).to(device)
+        self.idf = None if idf is None else torch.as_tensor(idf, dtype=torch.float32, device=device)
+        self.vocab = vocab
+
+    @torch.no_grad()
+    def token_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``s_j`` for every position (Eq. 10/12), ``[B, T]``; meaningless where not scored."""
+        h_hat = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        f = self.vectors[self.row[input_ids]]  # [B, T, d]
+        return torch.einsum("btd,btd->bt", h_hat, f) * self.weight[input_ids]
+
+
+@dataclass
+class ScoreDetails:
+    """Per-example results aligned with the pool (NumPy arrays)."""
+
+    score: np.ndarray
+    mean: np.ndarray
+    max: np.ndarray
+    coverage: np.ndarray
+    n_tokens: np.ndarray
+    n_scored: np.ndarray
+    n_unseen: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: list[ScoreDetails]) -> ScoreDetails:
+        if not parts:
+            e = np.zeros(0)
+            return cls(e, e, e, e, e.astype(np.int64), e.astype(np.int64), e.astype(np.int64))
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__})
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@torch.no_grad()
+def pool_scores(
+    matcher: TokenMatcher,
+    batch: Mapping[str, torch.Tensor],
+    hidden: torch.Tensor,
+    mean_weight: float = 0.5,
+    max_weight: float = 0.5,
+    coverage_weight: float = 0.05,
+) -> dict[str, torch.Tensor]:
+    """Eq. 13-15 on a collated batch, given its last hidden states."""
+    ids = batch["input_ids"]
+    valid = batch["attention_mask"]
+    m = valid & batch["scope_mask"] & ~batch["special_mask"] & matcher.scored[ids]  # M(c), Eq. 14
+    s = matcher.token_scores(hidden, ids)
+    n_scored = m.sum(1)
+    n_tokens = valid.sum(1)
+    if matcher.idf is not None:
+        w = matcher.idf[ids] * m
+        mean = (s * w).sum(1) / w.sum(1).clamp_min(1e-12)
+    else:
+        mean = (s * m).sum(1) / n_scored.clamp_min(1)
+    mx = s.masked_fill(~m, float("-inf")).amax(1)
+    coverage = n_scored / n_tokens.clamp_min(1)
+    score = mean_weight * mean + max_weight * mx + coverage_weight * coverage  # Eq. 15
+    empty = n_scored == 0
+    score = score.masked_fill(empty, float("-inf"))
+    mean = mean.masked_fill(empty, float("nan"))
+    mx = mx.masked_fill(empty, float("nan"))
+    return {"score": score, "mean": mean, "max": mx, "coverage": coverage, "n_tokens": n_tokens,
+            "n_scored": n_scored, "n_unseen": (m & matcher.unseen[ids]).sum(1)}
+
+
+class Scorer:
+    """Stage II over a stream of sequences: length-sorted token-budget batches, pool order out."""
+
+    def __init__(self, model: Any, fingerprints: Fingerprints, *, penalty: float | None = 1.0,
+                 mean_weight: float = 0.5, max_weight: float = 0.5, coverage_weight: float = 0.05,
+                 idf: np.ndarray | None = None, batch_tokens: int = 16384, max_batch_size: int = 256,
+                 pad_id: int | None = None):
+        self.model = model
+        self.base = base_model(model)
+        self.device = next(model.parameters()).device
+        emb = embedding_matrix(model)
+        if fingerprints.dim != self.base.config.hidden_size:
+            raise ValueError(f"fingerprints have dimension {fingerprints.dim} but the model's hidden size is "
+                             f"{self.base.config.hidden_size}: they were built with another model")
+        self.matcher = TokenMatcher(fingerprints, emb, penalty, self.device, idf=idf)
+        self.weights = (mean_weight, max_weight, coverage_weight)
+        self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
+        self.pad_id = pad_id if pad_id is not None else _pad_id(model)
+
+    @torch.no_grad()
+    def forward_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Base model only: no LM head, no attention output, no KV cache."""
+        out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                        use_cache=False)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def score_sequences(self, seqs: list[TokenSequence]) -> ScoreDetails:
+        n = len(seqs)
+        out = {k: np.zeros(n, dtype=np.float64) for k in ("score", "mean", "max", "coverage")}
+        out.update({k: np.zeros(n, dtype=np.int64) for k in ("n_tokens", "n_scored", "n_unseen")})
+        if n == 0:
+            return ScoreDetails(**out)
+        for b in seqs:
+            if len(b) == 0:
+                raise ValueError("an example rendered to zero tokens")
+            if int(b.input_ids.max()) >= self.matcher.vocab:
+                raise ValueError(f"token id {int(b.input_ids.max())} outside the model's vocabulary")
+
+        def run(idx: np.ndarray) -> dict[str, np.ndarray]:
+            batch = collate([seqs[i] for i in idx], self.device, self.pad_id)
+            res = pool_scores(self.matcher, batch, self.forward_hidden(batch), *self.weights)
+            return {k: v.cpu().numpy() for k, v in res.items()}
+
+        for idx in plan_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_size):
+            for sub, res in run_with_backoff(idx, run):
+                for k, v in res.items():
+                    out[k][sub] = v
+        return ScoreDetails(**out)
+
+    def iter_chunks(self, pool: Iterable[Mapping[str, Any] | TokenSequence], chunk_size: int = 2048
+                    ) -> Iterator[ScoreDetails]:
+        it = iter(pool)
+        while chunk := list(islice(it, chunk_size)):
+            yield self.score_sequences([as_sequence(x) for x in chunk])
+
+
+def score_details(
+    model: Any,
+    pool: Iterable[Mapping[str, Any] | TokenSequence],
+    fp: Fingerprints,
+    penalty: float | None = 1.0,
+    mean_weight: float = 0.5,
+    max_weight: float = 0.5,
+    coverage_weight: float = 0.05,
+    *,
+    idf: np.ndarray | None = None,
+    batch_tokens: int = 16384,
+    max_batch_size: int = 256,
+    chunk_size: int = 2048,
+) -> ScoreDetails:
+    """Stage II with every per-example component (mean, max, coverage, counts)."""
+    scorer = Scorer(model, fp, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
+                    coverage_weight=coverage_weight, idf=idf, batch_tokens=batch_tokens,
+                    max_batch_size=max_batch_size)
+    return ScoreDetails.concat(list(scorer.iter_chunks(pool, chunk_size)))
+
+
+def score(
+    model: Any,
+    pool: Iterable[Mapping[str, Any] | TokenSequence],
+    fp: Fingerprints,
+    penalty: float | None = 1.0,
+    mean_weight: float = 0.5,
+    max_weight: float = 0.5,
+    coverage_weight: float = 0.05,
+    **kw: Any,
+) -> np.ndarray:
+    """Stage II: ``S(c)`` (Eq. 15) for every pool example, a NumPy array aligned with ``pool``."""
+    return score_details(model, pool, fp, penalty, mean_weight, max_weight, coverage_weight, **kw).score
+
+
+def token_idf(sequences: Iterable[Mapping[str, Any] | TokenSequence], vocab: int) -> np.ndarray:
+    """Extension (SPEC "Extensions"): smoothed IDF of each token id over the pool's in-scope tokens,
+    ``log((1 + N) / (1 + df_t)) + 1``."""
+    df = np.zeros(vocab, dtype=np.int64)
+    n = 0
+    for item in sequences:
+        s = as_sequence(item)
+        ids = np.unique(s.input_ids[s.scope_mask & ~s.special_mask])
+        df[ids] += 1
+        n += 1
+    return (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
