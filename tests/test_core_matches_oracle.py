@@ -1,10 +1,9 @@
 """Batched, padded, vectorised Stage I + II agree with the naive float64 loop (tests/oracle.py)."""
 
 import numpy as np
-import pytest
-import torch
-
 import oracle
+import pytest
+
 from trim_select import build_fingerprints, score
 from trim_select.config import RenderConfig
 from trim_select.data import Message, Renderer, TokenSequence

@@ -196,6 +196,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, bytes | None, Any, str | None
     with opener(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             raw = raw.rstrip(b"\r\n")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark is tolerated, not data
             if not raw.strip():
                 yield lineno, None, None, None
                 continue
@@ -376,25 +378,49 @@ class Renderer:
         eos = self.tokenizer.eos_token or ""
         return bos + "".join(PLAIN_TEMPLATE_HEADERS[m.role] + m.content + "\n" for m in messages) + eos
 
-    @staticmethod
-    def _spans(text: str, messages: Sequence[Message]) -> list[tuple[int, int, str]]:
+    def _text_and_spans(self, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int, str]]]:
+        """The rendered text and the character span of every message's content in it.
+
+        The template is rendered once with a unique placeholder per message, so content is located
+        exactly (never inside the template's own tokens, e.g. an ``i`` inside ``<|im_start|>``);
+        templates that trim content are handled by matching the stripped content.
+        """
+        text = self._template_text(messages)
+        if len(messages) == 1 and messages[0].role == "text":
+            return text, [(0, len(text), "text")]
+        marks = [f"\ue000{k}\ue001" for k in range(len(messages))]
+        skeleton = self._template_text([Message(m.role, mark) for m, mark in zip(messages, marks, strict=True)])
+        for strip in (False, True):
+            spans, out, pos, length = [], [], 0, 0
+            for m, mark in zip(messages, marks, strict=True):
+                at = skeleton.find(mark, pos)
+                if at < 0:
+                    break
+                out.append(skeleton[pos:at])
+                length += at - pos
+                content = m.content.strip() if strip else m.content
+                spans.append((length, length + len(content), m.role))
+                out.append(content)
+                length += len(content)
+                pos = at + len(mark)
+            else:
+                out.append(skeleton[pos:])
+                if "".join(out) == text:
+                    return text, spans
+        # a template that rewrites content: fall back to locating it in order
         spans, cursor = [], 0
         for k, m in enumerate(messages):
-            content = m.content
+            content = m.content if text.find(m.content, cursor) >= 0 else m.content.strip()
             start = text.find(content, cursor)
-            if start < 0:
-                content = content.strip()
-                start = text.find(content, cursor)
             if start < 0:
                 raise ValueError(f"message {k} ({m.role}) not found verbatim in the rendered template")
             spans.append((start, start + len(content), m.role))
             cursor = start + len(content)
-        return spans
+        return text, spans
 
     def render(self, messages: Sequence[Message]) -> TokenSequence:
         cfg = self.config
-        text = self._template_text(messages)
-        spans = self._spans(text, messages)
+        text, spans = self._text_and_spans(messages)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)

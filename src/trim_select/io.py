@@ -100,6 +100,9 @@ class ScoreWriter:
                 for p in self.dir.glob("part-*.parquet"):
                     p.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not shard:  # concurrent shard writers: another process's temporary file is not stale
+            for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write (kill -9)
+                stale.unlink(missing_ok=True)
         write_json(manifest, {"key": key})
 
     def part_path(self, chunk: int) -> Path:

@@ -107,27 +107,38 @@ def pool_scores(
     max_weight: float = 0.5,
     coverage_weight: float = 0.05,
 ) -> dict[str, torch.Tensor]:
-    """Eq. 13-15 on a collated batch, given its last hidden states."""
+    """Eq. 13-15 on a collated batch, given its last hidden states.
+
+    Only the scored positions M(c) (Eq. 14) are gathered, so padding and out-of-scope tokens cost
+    nothing; mean/max/count are segment reductions over the batch row of each position.
+    """
     ids = batch["input_ids"]
     valid = batch["attention_mask"]
     m = valid & batch["scope_mask"] & ~batch["special_mask"] & matcher.scored[ids]  # M(c), Eq. 14
-    s = matcher.token_scores(hidden, ids)
-    n_scored = m.sum(1)
+    rows, cols = m.nonzero(as_tuple=True)
+    tok = ids[rows, cols]
+    h_hat = torch.nn.functional.normalize(hidden[rows, cols].float(), dim=-1)
+    f = matcher.vectors.index_select(0, matcher.row[tok])
+    s = (h_hat * f).sum(-1) * matcher.weight[tok]  # s_j, Eq. 10 / Eq. 12
+    b = ids.shape[0]
+    n_scored = torch.bincount(rows, minlength=b)
     n_tokens = valid.sum(1)
-    if matcher.idf is not None:
-        w = matcher.idf[ids] * m
-        mean = (s * w).sum(1) / w.sum(1).clamp_min(1e-12)
+    if matcher.idf is not None:  # extension: IDF-weighted mean
+        w = matcher.idf[tok]
+        mean = torch.zeros(b, device=s.device).index_add_(0, rows, s * w) / torch.zeros(
+            b, device=s.device).index_add_(0, rows, w).clamp_min(1e-12)
     else:
-        mean = (s * m).sum(1) / n_scored.clamp_min(1)
-    mx = s.masked_fill(~m, float("-inf")).amax(1)
+        mean = torch.zeros(b, device=s.device).index_add_(0, rows, s) / n_scored.clamp_min(1)
+    mx = torch.full((b,), float("-inf"), device=s.device).scatter_reduce_(0, rows, s, "amax")
     coverage = n_scored / n_tokens.clamp_min(1)
     score = mean_weight * mean + max_weight * mx + coverage_weight * coverage  # Eq. 15
     empty = n_scored == 0
     score = score.masked_fill(empty, float("-inf"))
     mean = mean.masked_fill(empty, float("nan"))
     mx = mx.masked_fill(empty, float("nan"))
+    n_unseen = torch.bincount(rows[matcher.unseen[tok]], minlength=b)
     return {"score": score, "mean": mean, "max": mx, "coverage": coverage, "n_tokens": n_tokens,
-            "n_scored": n_scored, "n_unseen": (m & matcher.unseen[ids]).sum(1)}
+            "n_scored": n_scored, "n_unseen": n_unseen}
 
 
 class Scorer:
@@ -136,9 +147,10 @@ class Scorer:
     def __init__(self, model: Any, fingerprints: Fingerprints, *, penalty: float | None = 1.0,
                  mean_weight: float = 0.5, max_weight: float = 0.5, coverage_weight: float = 0.05,
                  idf: np.ndarray | None = None, batch_tokens: int = 16384, max_batch_size: int = 256,
-                 pad_id: int | None = None):
+                 pad_id: int | None = None, compile: bool = False):
         self.model = model
         self.base = base_model(model)
+        self._forward = torch.compile(self.base, dynamic=True) if compile else self.base
         self.device = next(model.parameters()).device
         emb = embedding_matrix(model)
         if fingerprints.dim != self.base.config.hidden_size:
@@ -152,12 +164,13 @@ class Scorer:
     @torch.no_grad()
     def forward_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Base model only: no LM head, no attention output, no KV cache."""
-        out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
-                        use_cache=False)
+        out = self._forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
+                            use_cache=False)
         return out.last_hidden_state
 
     @torch.no_grad()
-    def score_sequences(self, seqs: list[TokenSequence]) -> ScoreDetails:
+    def score_sequences(self, seqs: list[TokenSequence], on_batch: Any = None) -> ScoreDetails:
+        """Score sequences in pool order; ``on_batch(n_done)`` is called after each forward batch."""
         n = len(seqs)
         out = {k: np.zeros(n, dtype=np.float64) for k in ("score", "mean", "max", "coverage")}
         out.update({k: np.zeros(n, dtype=np.int64) for k in ("n_tokens", "n_scored", "n_unseen")})
@@ -178,6 +191,8 @@ class Scorer:
             for sub, res in run_with_backoff(idx, run):
                 for k, v in res.items():
                     out[k][sub] = v
+            if on_batch is not None:
+                on_batch(len(idx))
         return ScoreDetails(**out)
 
     def iter_chunks(self, pool: Iterable[Mapping[str, Any] | TokenSequence], chunk_size: int = 2048

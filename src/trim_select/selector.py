@@ -143,10 +143,19 @@ class TrimSelector:
         fp = build_fingerprints(self.lm.model, seqs, fc.layers, fc.row_weight, fc.col_weight,
                                 batch_tokens=self.runtime.batch_tokens)
         fp.meta.update({"model": self.model_identity(), "render": to_dict(self.render_config),
+                        "fingerprint": to_dict(fc),
                         "n_truncated_targets": int(sum(s.n_truncated > 0 for s in seqs))})
+        if isinstance(targets, (str, Path)):
+            fp.meta["targets"] = _file_identity(targets)
+            fp.meta["stage1_key"] = self.stage1_key(targets, format)
         self.fingerprints = fp
         self.times.add("stage1_fingerprints", t0)
         return self
+
+    def stage1_key(self, targets: str | Path, format: str | None = None) -> str:
+        """Identity of a Stage I result: targets file, render/fingerprint settings, model weights."""
+        return config_hash(self.render_config, self.fingerprint_config,
+                           {"targets": _file_identity(targets), "format": format, "model": self.lm.sha256})
 
     def load_fingerprints(self, path: str | Path, *, check_model: bool = True) -> TrimSelector:
         fp = Fingerprints.load(path)
@@ -171,11 +180,13 @@ class TrimSelector:
         format: str | None = None,
         skip_invalid: bool = False,
         overwrite: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> pa.Table:
         """Stage II over a pool file into ``out_dir/parts``; returns the merged score table.
 
         Chunks already on disk are skipped, so rerunning after a crash continues where it stopped
-        and gives identical results.
+        and gives identical results. ``shard=(i, n)`` scores only chunks ``k`` with ``k % n == i``
+        (Slurm array jobs); the parts of all shards merge into the same table.
         """
         if self.fingerprints is None:
             raise RuntimeError("call fit() or load_fingerprints() first")
@@ -183,11 +194,8 @@ class TrimSelector:
         t0 = time.perf_counter()
         rt, sc = self.runtime, self.score_config
         renderer = self.renderer()
-        key = config_hash(self.render_config, sc, {"fp": _fp_hash(self.fingerprints),
-                                                   "model": self.lm.sha256, "chunk": rt.chunk_size,
-                                                   "pool": _file_identity(pool), "format": format,
-                                                   "skip_invalid": skip_invalid})
-        writer = ScoreWriter(out_dir, key, overwrite=overwrite)
+        writer = ScoreWriter(out_dir, self.scores_key(pool, format=format, skip_invalid=skip_invalid),
+                             overwrite=overwrite, shard="" if shard is None else f"{shard[0]}/{shard[1]}")
         idf = None
         if sc.idf:
             t1 = time.perf_counter()
@@ -195,7 +203,7 @@ class TrimSelector:
             self.times.add("idf", t1)
         scorer = Scorer(self.lm.model, self.fingerprints, penalty=sc.penalty, mean_weight=sc.mean_weight,
                         max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
-                        batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size)
+                        batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile)
         stats = ReadStats()
         rejects = RejectWriter(out_dir / "rejected.jsonl")
         records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, on_reject=rejects)
@@ -209,7 +217,8 @@ class TrimSelector:
         with ThreadPoolExecutor(max_workers=1) as pool_ex:
             pending = None
             for k, chunk in enumerate(chunks):
-                fut = None if writer.done(k) else pool_ex.submit(render_chunk, chunk)
+                mine = shard is None or k % shard[1] == shard[0]
+                fut = None if (writer.done(k) or not mine) else pool_ex.submit(render_chunk, chunk)
                 if pending is not None:
                     self._finish_chunk(writer, scorer, *pending, bar)
                 pending = (k, chunk, fut)
@@ -224,17 +233,27 @@ class TrimSelector:
         self.times.add("stage2_scoring", t0)
         return table
 
+    def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
+        """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""
+        if self.fingerprints is None:
+            raise RuntimeError("call fit() or load_fingerprints() first")
+        return config_hash(self.render_config, self.score_config,
+                           {"fp": _fp_hash(self.fingerprints), "model": self.lm.sha256,
+                            "chunk": self.runtime.chunk_size, "pool": _file_identity(pool), "format": format,
+                            "skip_invalid": skip_invalid})
+
     @staticmethod
     def _finish_chunk(writer: ScoreWriter, scorer: Scorer, k: int, chunk: list[Record], fut: Any, bar: Any) -> None:
         """Score a rendered chunk (``fut`` is None when its part file already exists) and write it."""
-        if fut is not None:
+        if fut is None:
+            bar.update(len(chunk))
+        else:
             seqs = fut.result()
-            det = scorer.score_sequences(seqs)
+            det = scorer.score_sequences(seqs, on_batch=bar.update)
             cols = {"index": np.array([r.index for r in chunk], dtype=np.int64),
                     "id": [r.id for r in chunk], **det.columns(),
                     "n_truncated": np.array([s.n_truncated for s in seqs], dtype=np.int64)}
             writer.write(k, cols)
-        bar.update(len(chunk))
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, table: pa.Table, budget: str | int | float) -> tuple[pa.Table, np.ndarray]:
@@ -274,7 +293,11 @@ class TrimSelector:
         if fingerprints is not None:
             self.load_fingerprints(fingerprints)
         elif targets is not None:
-            self.fit(targets, format=target_format)
+            cached = Fingerprints.load(fp_path).meta.get("stage1_key") if fp_path.exists() else None
+            if cached is not None and cached == self.stage1_key(targets, target_format):
+                self.load_fingerprints(fp_path)  # resume: Stage I of this exact input is done
+            else:
+                self.fit(targets, format=target_format)
         elif fp_path.exists():
             self.load_fingerprints(fp_path)
         else:

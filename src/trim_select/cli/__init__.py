@@ -15,8 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import core  # noqa: E402,F401  (registers select, fingerprint, score)
-from . import extras  # noqa: E402,F401  (registers commands of later stages when present)
+# registers select, fingerprint, score; then the commands of later stages present in this build
+from . import core, extras  # noqa: E402,F401
 
 
 def main() -> None:

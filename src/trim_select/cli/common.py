@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -74,8 +75,12 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: finished chunks are kept; rerun the same command to resume")
+            sys.exit(130)
         except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
             if os.environ.get("TRIM_SELECT_DEBUG"):
                 raise
@@ -83,3 +88,8 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and finished chunks are kept."""
+    raise KeyboardInterrupt

@@ -41,6 +41,16 @@ Skip = Annotated[bool, typer.Option("--skip-invalid", help="Skip bad rows (count
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Discard partial results from other settings.")]
 Trust = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model folder.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
+Engine = Annotated[str, typer.Option(
+    "--engine", help="Stage II engine. local: this machine, one worker per visible GPU (--workers N CPU "
+                     "processes without GPUs); ray: a Ray Data pipeline (pip install 'trim-select[ray]').")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", help="Workers (local) or actors (ray); default: one per GPU, else 1.")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", help="Ray cluster to join (auto, ray://HEAD:10001); default: start a local Ray.")]
+Shard = Annotated[str | None, typer.Option(
+    "--shard", help="i/n: score only chunks k with k % n == i (e.g. Slurm array task i of n), "
+                    "then combine with `trim-select merge OUT`.")]
 
 
 def make_selector(model: str, quiet: bool, **kw: Any):
@@ -49,6 +59,28 @@ def make_selector(model: str, quiet: bool, **kw: Any):
     render, fpc, scoring, runtime = build_configs(**kw)
     return TrimSelector(model, render=render, fingerprint=fpc, scoring=scoring, runtime=runtime,
                         progress=not quiet)
+
+
+def execute(sel: Any, pool: Path, out: Path, budget: str | None, *, engine: str, workers: int | None,
+            ray_address: str | None, shard: str | None, **kw: Any) -> dict[str, Any] | None:
+    """Run selection on the chosen engine; with ``--shard`` score one shard and return None."""
+    from .. import distributed as dist
+
+    if shard is None:
+        return dist.run(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address, **kw)
+    if engine != "local" or workers is not None or ray_address is not None:
+        raise typer.BadParameter("--shard runs one process: leave out --engine ray, --workers, --ray-address")
+    if kw.pop("overwrite", False):
+        raise typer.BadParameter("--overwrite cannot be combined with --shard (concurrent shards would "
+                                 "delete each other's parts): delete OUT/parts instead")
+    kw.pop("extra", None)
+    i, n = dist.parse_shard(shard)
+    info = dist.run_shard(sel, pool, out, (i, n), budget=budget, **kw)
+    left = info["missing_overall"]
+    console.print(f"[bold green]shard {i}/{n} done[/] ({info['chunks']} chunks, {info['seconds']:.1f}s); "
+                  + (f"{len(left)} chunks of other shards still missing" if left
+                     else f"all chunks scored: trim-select merge {out}"), highlight=False)
+    return None
 
 
 def summarise(report: dict[str, Any], out: Path) -> None:
@@ -90,6 +122,10 @@ def select_cmd(
     overwrite: Overwrite = False,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = None,
+    ray_address: RayAddress = None,
+    shard: Shard = None,
 ) -> None:
     """Stage I + Stage II + selection: write coreset.jsonl, scores.parquet, fingerprints, run.json."""
     sel = make_selector(model, quiet, format=format, scope=scope, max_length=max_length,
@@ -97,9 +133,11 @@ def select_cmd(
                         col_weight=col_weight, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
                         coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
                         batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
-    report = sel.run(pool, out, budget, targets=targets, format=format, target_format=target_format,
+    report = execute(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address,
+                     shard=shard, targets=targets, format=format, target_format=target_format,
                      skip_invalid=skip_invalid, overwrite=overwrite)
-    summarise(report, out)
+    if report is not None:
+        summarise(report, out)
 
 
 @app.command("fingerprint")
@@ -157,6 +195,10 @@ def score_cmd(
     overwrite: Overwrite = False,
     trust_remote_code: Trust = False,
     quiet: Quiet = False,
+    engine: Engine = "local",
+    workers: Workers = None,
+    ray_address: RayAddress = None,
+    shard: Shard = None,
 ) -> None:
     """Stage II with saved fingerprints (scope and template settings come from the file)."""
     from ..fingerprints import Fingerprints
@@ -167,6 +209,8 @@ def score_cmd(
                         col_weight=0.5, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
                         coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
                         batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
-    report = sel.run(pool, out, budget, fingerprints=fingerprints, format=format, skip_invalid=skip_invalid,
+    report = execute(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address,
+                     shard=shard, fingerprints=fingerprints, format=format, skip_invalid=skip_invalid,
                      overwrite=overwrite)
-    summarise(report, out)
+    if report is not None:
+        summarise(report, out)
