@@ -169,10 +169,10 @@ def test_prompt_scope_marks_every_user_turn_and_nothing_else(tok):
     assert decoded(tok, seq, seq.scope_mask) == "How many clips?And in May?"
 
 
-def test_all_scope_covers_the_template_unless_content_only(tok):
-    seq = Renderer(tok, RenderConfig(scope="all")).render(messages(CONV, "messages"))
+def test_all_scope_covers_the_template_only_with_score_template(tok):
+    seq = Renderer(tok, RenderConfig(scope="all", score_template=True)).render(messages(CONV, "messages"))
     assert seq.scope_mask.all()
-    content = Renderer(tok, RenderConfig(scope="all", score_template=False)).render(messages(CONV, "messages"))
+    content = Renderer(tok, RenderConfig(scope="all")).render(messages(CONV, "messages"))  # the default
     assert decoded(tok, content, content.scope_mask) == "Be brief.How many clips?72 clips.And in May?24 clips."
 
 

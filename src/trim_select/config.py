@@ -22,11 +22,13 @@ class RenderConfig:
     format: str | None = None  # None: auto-detect per file
     max_length: int = 2048
     scope: Scope = "all"
-    # Template scaffolding = rendered tokens that belong to no message's content (role headers,
-    # a default system prompt injected by the chat template).  The exact spec scores them under
-    # scope "all"; they are identical in every example and bias the mean towards short examples
-    # (see README "Why plain TRIM picks short examples").  Not part of the paper.
-    score_template: bool = True
+    # Template scaffolding = rendered tokens that belong to no message's content (role headers, a
+    # default system prompt injected by the chat template). The exact spec scores them under scope
+    # "all"; they are identical in every example, so their hidden states match the fingerprints
+    # perfectly: the max term saturates at 1 for every example and the mean favours short
+    # examples (README "Why plain TRIM picks short examples"). Our default scores message content
+    # only; score_template=True reproduces the exact spec.
+    score_template: bool = False
     chat_template: bool | None = None  # None: use the tokenizer's chat template when it has one
 
     def __post_init__(self) -> None:

@@ -54,6 +54,9 @@ class DataError(ValueError):
         what = f" field {field!r}:" if field else ":"
         super().__init__(f"{where}{what} {reason}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes (Ray workers)
+        return (type(self), (self.path, self.line, self.field, self.reason))
+
 
 @dataclass(frozen=True)
 class Message:
@@ -265,12 +268,15 @@ def read_records(
     skip_invalid: bool = False,
     stats: ReadStats | None = None,
     on_reject: Any = None,
+    track_ids: bool = True,
 ) -> Iterator[Record]:
     """Stream validated records from ``path``.
 
     By default the first bad row raises :class:`DataError` (file, line, field). With
     ``skip_invalid=True`` bad rows are counted in ``stats`` and passed to ``on_reject(error, raw)``
-    (e.g. a writer of ``rejected.jsonl``); nothing is dropped silently.
+    (e.g. a writer of ``rejected.jsonl``); nothing is dropped silently. ``track_ids=False`` skips
+    the in-memory duplicate-id check (memory grows with the pool; callers with a scores table
+    count duplicates from it instead).
     """
     path = Path(path)
     if not path.exists():
@@ -308,11 +314,12 @@ def read_records(
             if on_reject is not None:
                 on_reject(error, raw, index)
             continue
-        if rid in seen_ids:
-            stats.duplicate_ids += 1
-            if len(stats.duplicate_examples) < 10:
-                stats.duplicate_examples.append(rid)
-        seen_ids.add(rid)
+        if track_ids:
+            if rid in seen_ids:
+                stats.duplicate_ids += 1
+                if len(stats.duplicate_examples) < 10:
+                    stats.duplicate_examples.append(rid)
+            seen_ids.add(rid)
         stats.records += 1
         stats.formats[fmt] = stats.formats.get(fmt, 0) + 1
         yield Record(index=index, line=line, id=rid, messages=messages, raw=raw, fields=row)

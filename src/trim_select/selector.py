@@ -206,7 +206,8 @@ class TrimSelector:
                         batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile)
         stats = ReadStats()
         rejects = RejectWriter(out_dir / "rejected.jsonl")
-        records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, on_reject=rejects)
+        records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, on_reject=rejects,
+                               track_ids=False)
         total = _count_rows(pool)
         bar = _progress(total, "Stage II scoring", self.progress)
 
@@ -227,6 +228,7 @@ class TrimSelector:
         bar.close()
         rejects.close()
         table = writer.read_all()
+        stats.duplicate_ids, stats.duplicate_examples = duplicate_ids(table)
         self.stats["pool"] = stats.to_dict()
         self.stats["pool"]["truncated"] = int(pc_sum(table, "n_truncated", count_nonzero=True))
         self.stats["pool"]["tokens"] = int(pc_sum(table, "n_tokens"))
@@ -305,7 +307,9 @@ class TrimSelector:
         if fingerprints is None or Path(fingerprints).resolve() != fp_path.resolve():
             self.fingerprints.save(fp_path)
         table = self.score_pool(pool, out_dir, format=format, skip_invalid=skip_invalid, overwrite=overwrite)
-        report = self.finalize(pool, out_dir, table, budget, format=format, extra=extra)
+        sources = {"targets": _file_identity(targets) if targets is not None else None,
+                   "fingerprints_file": str(fingerprints) if fingerprints is not None else None}
+        report = self.finalize(pool, out_dir, table, budget, format=format, extra={**sources, **(extra or {})})
         report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
         write_json(out_dir / "run.json", report)
         return report
@@ -358,6 +362,19 @@ def pc_sum(table: pa.Table, col: str, *, count_nonzero: bool = False) -> int:
         return 0
     values = np.asarray(table.column(col).to_numpy(zero_copy_only=False))
     return int((values != 0).sum() if count_nonzero else values.sum())
+
+
+def duplicate_ids(table: pa.Table) -> tuple[int, list[str]]:
+    """Rows whose id repeats an earlier row's id, and up to 10 such ids."""
+    import pyarrow.compute as pc
+
+    counts = pc.value_counts(table.column("id")) if table.num_rows else pa.array([], pa.struct([]))
+    if not len(counts):
+        return 0, []
+    values = counts.field("values").to_pylist()
+    n = counts.field("counts").to_numpy()
+    dup = n > 1
+    return int((n[dup] - 1).sum()), [values[i] for i in np.flatnonzero(dup)[:10]]
 
 
 def _fp_hash(fp: Fingerprints) -> str:

@@ -21,8 +21,8 @@ Format = Annotated[str | None, typer.Option("--format", help="messages|sharegpt|
 Scope = Annotated[str, typer.Option("--scope", help="Tokens that are fingerprinted and scored: all|prompt|response.")]
 ScoreTemplate = Annotated[bool, typer.Option(
     "--score-template/--content-only",
-    help="With --scope all: also score chat-template scaffolding (role headers, default system prompt). "
-         "--content-only scores message content only.")]
+    help="With --scope all: --score-template also scores chat-template scaffolding (role headers, default "
+         "system prompt) as the exact spec does; the default --content-only scores message content only.")]
 Layers = Annotated[int, typer.Option("--layers", help="L: attention of the last L layers (Eq. 3, 5).")]
 RowW = Annotated[float, typer.Option("--row-weight", help="w_Q (Eq. 7).")]
 ColW = Annotated[float, typer.Option("--col-weight", help="w_K (Eq. 7).")]
@@ -104,7 +104,7 @@ def select_cmd(
     format: Format = None,
     target_format: Annotated[str | None, typer.Option("--target-format")] = None,
     scope: Scope = "all",
-    score_template: ScoreTemplate = True,
+    score_template: ScoreTemplate = False,
     layers: Layers = 6,
     row_weight: RowW = 0.5,
     col_weight: ColW = 0.5,
@@ -148,7 +148,7 @@ def fingerprint_cmd(
     model: Model = "default",
     format: Format = None,
     scope: Scope = "all",
-    score_template: ScoreTemplate = True,
+    score_template: ScoreTemplate = False,
     layers: Layers = 6,
     row_weight: RowW = 0.5,
     col_weight: ColW = 0.5,
@@ -205,7 +205,7 @@ def score_cmd(
 
     meta = Fingerprints.load(fingerprints).meta.get("render", {})
     sel = make_selector(model, quiet, format=format, scope=meta.get("scope", "all"), max_length=max_length,
-                        score_template=meta.get("score_template", True), layers=6, row_weight=0.5,
+                        score_template=meta.get("score_template", False), layers=6, row_weight=0.5,
                         col_weight=0.5, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
                         coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
                         batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
