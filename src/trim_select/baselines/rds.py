@@ -1,0 +1,126 @@
+"""RDS (Hanawa et al., 2021; Appendix C, following LESS's implementation).
+
+An example's representation is the last-layer hidden state (after the final norm,
+``hidden_states[-1]``) of its **last non-padding token**, from one batched forward pass of the
+rendered example (prompt and response, chat template, right padding). Representations are
+L2-normalised and matched with LESS's rule (:mod:`.features`): the mean cosine to the target
+examples, i.e. the dot product with the mean unit target representation, per checkpoint, summed
+with learning-rate weights when ``--model`` is a warmup folder with several checkpoints (the paper
+aggregates RDS over checkpoints). A plain model is one "checkpoint" of weight 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..batching import collate, plan_batches, run_with_backoff
+from ..data import Renderer, TokenSequence
+from ..models import LoadedModel, base_model, load_model
+from .base import BaselineInputs, BaselineScores, SelectionCost, register
+from .checkpoints import checkpoint_weights, choose_checkpoints, find_checkpoints
+from .features import group_means, target_groups, unit
+
+
+@dataclass(frozen=True)
+class RDSConfig:
+    group_field: str | None = None  # target field naming sub-tasks (max over sub-task means); None: one group
+
+
+def model_identity(lm: LoadedModel) -> dict[str, Any]:
+    p = next(lm.model.parameters())
+    return {"name": lm.name, "path": lm.path, "sha256": lm.sha256, "class": type(lm.model).__name__,
+            "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device)}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+
+@torch.no_grad()
+def last_token_states(lm: LoadedModel, seqs: list[TokenSequence], *, batch_tokens: int, max_batch_size: int,
+                      cost: SelectionCost, bar: Any = None) -> torch.Tensor:
+    """``[N, d]`` float32 last-layer hidden state of each sequence's last token (input order)."""
+    base = base_model(lm.model)
+    device = next(lm.model.parameters()).device
+    pad = _pad_id(lm.tokenizer)
+    out = torch.zeros(len(seqs), int(base.config.hidden_size))
+
+    def run(idx: np.ndarray) -> torch.Tensor:
+        batch = collate([seqs[i] for i in idx], device, pad)
+        attn = batch["attention_mask"]
+        h = base(input_ids=batch["input_ids"], attention_mask=attn.long(), use_cache=False).last_hidden_state
+        pos = attn.sum(1) - 1  # right padding: the last real token
+        return h[torch.arange(len(idx), device=device), pos].float().cpu()
+
+    for idx in plan_batches([len(s) for s in seqs], batch_tokens, max_batch_size):
+        for sub, reps in run_with_backoff(idx, run):
+            out[torch.as_tensor(sub)] = reps
+        cost.forward(len(idx), sum(len(seqs[i]) for i in idx))
+        if bar is not None:
+            bar.update(len(idx))
+    return out
+
+
+@register("rds", RDSConfig, uses_model=True,
+          summary="cosine of the last token's last-layer hidden state to the target mean (LESS impl.)")
+def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) -> BaselineScores:
+    """LESS-style matching of last-token representations, LR-weighted over checkpoints."""
+    from tqdm.auto import tqdm
+
+    base_cfg, rt = inputs.base, inputs.base.runtime
+    found = find_checkpoints(base_cfg.model)
+    chosen = choose_checkpoints(found, base_cfg.checkpoints)
+    specs = [str(c.path) for c in chosen] or [base_cfg.model]
+    weights = checkpoint_weights(chosen) if chosen else np.ones(1)
+    names, groups = target_groups(inputs.targets, config.group_field)
+    n = len(inputs.pool)
+    total = torch.zeros(n, len(groups), dtype=torch.float64)
+    columns: dict[str, np.ndarray | list] = {}
+    pool_seqs: list[TokenSequence] | None = None
+    target_seqs: list[TokenSequence] | None = None
+    identities = []
+    for spec, w, ckpt in zip(specs, weights, chosen or [None], strict=True):
+        t0 = time.perf_counter()
+        lm = load_model(spec, device=rt.device, dtype=rt.dtype, trust_remote_code=rt.trust_remote_code)
+        cost.model_loads += 1
+        cost.timed("load_model", t0)
+        identities.append(model_identity(lm) | ({"checkpoint": ckpt.identity()} if ckpt else {}))
+        if pool_seqs is None:  # every checkpoint shares the base tokenizer
+            t0 = time.perf_counter()
+            renderer = Renderer(lm.tokenizer, base_cfg.render)
+            pool_seqs = [renderer(r) for r in inputs.pool]
+            target_seqs = [renderer(r) for r in inputs.targets]
+            cost.timed("render", t0)
+        t0 = time.perf_counter()
+        kw = {"batch_tokens": rt.batch_tokens, "max_batch_size": rt.max_batch_size, "cost": cost}
+        tgt = unit(last_token_states(lm, target_seqs, **kw))
+        bar = tqdm(total=n, desc=f"RDS {ckpt.path.name if ckpt else 'forward'}", unit="ex",
+                   disable=not inputs.progress, dynamic_ncols=True)
+        reps = unit(last_token_states(lm, pool_seqs, bar=bar, **kw))
+        bar.close()
+        per_group = (reps @ group_means(tgt, groups).T).double()  # [N, G]
+        total += float(w) * per_group
+        if len(specs) > 1:
+            columns[f"score_step_{ckpt.step}"] = per_group.max(1).values.numpy()
+        cost.timed("forward", t0)
+        del lm
+    score = total.max(1).values.numpy()
+    columns["n_tokens"] = np.array([len(s) for s in pool_seqs], dtype=np.int64)
+    columns["n_truncated"] = np.array([s.n_truncated for s in pool_seqs], dtype=np.int64)
+    if len(groups) > 1:
+        columns["best_group"] = [names[i] for i in total.argmax(1).tolist()]
+    info = {"representation": "last non-padding token, last layer (after final norm)",
+            "matching": "LESS: mean over targets of cosine (per group), LR-weighted over checkpoints",
+            "checkpoints": [c.identity() for c in chosen] or None,
+            "checkpoint_weights": weights.tolist(), "groups": names,
+            "warmup": bool(chosen)}
+    if not chosen:
+        info["note"] = "plain model (no warmup checkpoints): one model, weight 1"
+    return BaselineScores(score=score, columns=columns, info=info,
+                          model=identities[0] if len(identities) == 1 else {"checkpoints": identities})

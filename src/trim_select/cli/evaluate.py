@@ -1,0 +1,179 @@
+"""``trim-select evaluate | compare``: fine-tune on a coreset and score task folders; compare methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import app
+from .common import console, friendly_errors
+from .core import Budget, Device, Model, Pool, Quiet
+
+Tasks = Annotated[list[Path], typer.Option(
+    "--task", help="Task folder with test.jsonl (+ dev.jsonl exemplars, val.jsonl targets); repeatable.")]
+Seeds = Annotated[int, typer.Option(
+    "--seeds", help="Fine-tuning seeds 0..N-1 (0: untuned reference rows only).")]
+Limit = Annotated[int | None, typer.Option(
+    "--limit", help="Evaluate a seeded random subset of N test rows (the same rows for every model).")]
+LimitSeed = Annotated[int, typer.Option("--limit-seed", help="Seed of the --limit subset.")]
+Shots = Annotated[int | None, typer.Option(
+    "--shots", help="Exemplars from dev.jsonl as chat turns (default: 5 multiple choice, 4 math).")]
+MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Math: greedy decoding budget per answer.")]
+GenBatch = Annotated[int, typer.Option("--gen-batch-size", help="Math: prompts per generation batch.")]
+EvalBatchTok = Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per log-likelihood batch.")]
+EvalDtype = Annotated[str, typer.Option(
+    "--dtype", help="Evaluation dtype: auto (bf16 where supported)|float32|bfloat16.")]
+Baseline = Annotated[bool, typer.Option("--baseline/--no-baseline",
+                                        help="Also score the untuned base model (reference row).")]
+# fine-tuning recipe (CPU-sized defaults; the paper's Table 7: --epochs 4 --lr 2e-5 --batch-size 64
+# --lora-r 128 --lora-alpha 512)
+Epochs = Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs.")]
+Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Effective batch in examples.")]
+LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlpha = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha.")]
+LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
+TrainMaxLen = Annotated[int, typer.Option("--train-max-length", help="Truncate training sequences.")]
+TrainDtype = Annotated[str, typer.Option(
+    "--train-dtype",
+    help="Autocast while fine-tuning: auto (bf16 where the CPU/GPU supports it)|float32|bf16.")]
+MicroTok = Annotated[int, typer.Option("--micro-batch-tokens", help="Padded tokens per forward/backward.")]
+
+
+def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, shots: int | None,
+             max_new_tokens: int, gen_batch_size: int, batch_tokens: int, epochs: int, lr: float,
+             batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float, train_max_length: int,
+             train_dtype: str, micro_batch_tokens: int) -> tuple[Any, Any]:
+    from ..evaluation import EvalConfig, evaluation_recipe
+
+    try:
+        config = EvalConfig(shots=shots, limit=limit, limit_seed=limit_seed, max_new_tokens=max_new_tokens,
+                            gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, device=device,
+                            dtype=dtype)
+        overrides: dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_r": lora_r,
+                                     "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                                     "max_length": train_max_length, "micro_batch_tokens": micro_batch_tokens}
+        if train_dtype != "auto":
+            overrides["dtype"] = train_dtype
+        recipe = evaluation_recipe(device, **overrides)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return config, recipe
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    task: Tasks,
+    train: Annotated[Path | None, typer.Option(
+        "--train",
+        help="Coreset to fine-tune on: a jsonl file or a selection folder (coreset.jsonl).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder (default: <train folder>/evaluation). Resumable.")] = None,
+    model: Model = "default",
+    seeds: Seeds = 3,
+    baseline: Baseline = True,
+    baseline_model: Annotated[list[str] | None, typer.Option(
+        "--baseline-model", help="Another untuned model to score as a reference row; repeatable.")] = None,
+    limit: Limit = None,
+    limit_seed: LimitSeed = 0,
+    shots: Shots = None,
+    max_new_tokens: MaxNew = 256,
+    gen_batch_size: GenBatch = 16,
+    batch_tokens: EvalBatchTok = 8192,
+    epochs: Epochs = 2,
+    lr: Lr = 1e-4,
+    batch_size: BatchSize = 8,
+    lora_r: LoraR = 16,
+    lora_alpha: LoraAlpha = 64,
+    lora_dropout: LoraDropout = 0.1,
+    train_max_length: TrainMaxLen = 2048,
+    train_dtype: TrainDtype = "auto",
+    micro_batch_tokens: MicroTok = 4096,
+    device: Device = "auto",
+    dtype: EvalDtype = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """LoRA-fine-tune the model on a coreset (per seed) and score task folders; base model as reference.
+
+    Multiple choice: accuracy by summed and by length-normalised log-likelihood. Math: exact match of
+    greedy decoding. Both: the gold answer's per-token NLL. Writes OUT/evaluation.json and .md.
+    """
+    from ..evaluation import evaluate
+
+    config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
+                              max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
+                              batch_tokens=batch_tokens, epochs=epochs, lr=lr, batch_size=batch_size,
+                              lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              train_max_length=train_max_length, train_dtype=train_dtype,
+                              micro_batch_tokens=micro_batch_tokens)
+    if seeds < 0:
+        raise typer.BadParameter("--seeds must be >= 0")
+    if out is None:
+        if train is None:
+            raise typer.BadParameter("give --out (no --train folder to put the evaluation in)")
+        out = (train if train.is_dir() else train.parent) / "evaluation"
+    summary = evaluate(task, out, train=train, model=model, seeds=seeds, baseline=baseline,
+                       baseline_models=baseline_model or (), recipe=recipe, config=config, progress=not quiet)
+    typer.echo(summary["markdown"])
+    console.print(f"[bold green]done[/] -> {out / 'evaluation.json'}, {out / 'evaluation.md'}",
+                  highlight=False)
+
+
+@app.command("compare")
+@friendly_errors
+def compare_cmd(
+    task: Tasks,
+    pool: Pool,
+    budget: Budget,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (resumable: rerun the same command).")],
+    methods: Annotated[str, typer.Option(
+        "--methods",
+        help="Comma list: trim and any baseline (random, bm25, dsir, rds, less).")] = "trim,bm25,random",
+    seeds: Annotated[int, typer.Option("--seeds", help="Fine-tuning seeds 0..N-1 per method.")] = 3,
+    model: Model = "default",
+    selection_model: Annotated[str | None, typer.Option(
+        "--selection-model", help="Model that selects (default: --model). A warmup folder gives TRIM its "
+                                  "final adapter and LESS its checkpoints.")] = None,
+    baseline: Baseline = True,
+    limit: Limit = None,
+    limit_seed: LimitSeed = 0,
+    shots: Shots = None,
+    max_new_tokens: MaxNew = 256,
+    gen_batch_size: GenBatch = 16,
+    batch_tokens: EvalBatchTok = 8192,
+    epochs: Epochs = 2,
+    lr: Lr = 1e-4,
+    batch_size: BatchSize = 8,
+    lora_r: LoraR = 16,
+    lora_alpha: LoraAlpha = 64,
+    lora_dropout: LoraDropout = 0.1,
+    train_max_length: TrainMaxLen = 2048,
+    train_dtype: TrainDtype = "auto",
+    micro_batch_tokens: MicroTok = 4096,
+    device: Device = "auto",
+    dtype: EvalDtype = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Select with each method, fine-tune and evaluate each x seeds: one table like the paper's Table 1.
+
+    Beside the metrics: selection cost (seconds, forward/backward passes) and the coreset's source mix
+    and mean token length. Writes OUT/compare.json and OUT/compare.md.
+    """
+    from ..config import RuntimeConfig
+    from ..evaluation import compare
+
+    config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
+                              max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
+                              batch_tokens=batch_tokens, epochs=epochs, lr=lr, batch_size=batch_size,
+                              lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              train_max_length=train_max_length, train_dtype=train_dtype,
+                              micro_batch_tokens=micro_batch_tokens)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    summary = compare(task, pool, budget, method_list, out, seeds=seeds, model=model,
+                      selection_model=selection_model, recipe=recipe, config=config,
+                      runtime=RuntimeConfig(device=device), baseline=baseline, progress=not quiet)
+    typer.echo(summary["markdown"])
+    console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)

@@ -1,0 +1,190 @@
+"""Scoring one model on one task: accuracy (multiple choice), exact match (math), answer loss.
+
+- Multiple choice: every choice is scored by ``log p(choice | k-shot prompt)``. ``acc`` takes the
+  highest sum; ``acc_norm`` the highest sum divided by the choice's length in characters (the
+  lm-evaluation-harness convention, comparable across tokenizers). Ties go to the first choice.
+- Math: greedy decoding from the k-shot prompt; ``exact_match`` compares the final number
+  (``#### N``, else the last number) with the gold answer by value.
+- ``answer_loss`` (both kinds): mean per-token negative log-likelihood of the gold answer given
+  the prompt, pooled over all answer tokens of the evaluated rows (the correct choice's text; the
+  worked solution for math). Lower is better; it moves even when accuracy does not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..models import LoadedModel
+from .answers import extract_number, numbers_match
+from .inference import ChatEncoder, Encoded, continuation_logprobs, generate_greedy, shared_prefix_logprobs
+from .tasks import DEFAULT_SHOTS, Task, TaskRow, gold_text, prompt_messages
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a task is scored (not how a model is trained)."""
+
+    shots: int | None = None  # exemplars from dev.jsonl; None: 5 for multiple choice, 4 for math
+    limit: int | None = None  # evaluate a seeded random subset of this many test rows
+    limit_seed: int = 0  # seed of that subset (the same rows for every model and method)
+    max_new_tokens: int = 256  # math: greedy decoding budget
+    gen_batch_size: int = 16  # math: prompts per generate() call
+    batch_tokens: int = 8192  # padded tokens per log-likelihood forward batch
+    max_length: int = 2048  # prompt + answer; longer prompts lose their left end (oldest exemplars)
+    share_prefix: bool = True  # multiple choice: one prompt forward per question, its KV cache reused
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bf16 where supported (as TRIM scoring), else float32
+
+    def __post_init__(self) -> None:
+        if self.shots is not None and self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.max_new_tokens < 1 or self.gen_batch_size < 1 or self.batch_tokens < 1:
+            raise ValueError("max_new_tokens, gen_batch_size and batch_tokens must be positive")
+
+    def shots_for(self, task: Task) -> int:
+        """Exemplars used for ``task`` (never more than its dev set holds)."""
+        want = DEFAULT_SHOTS[task.kind] if self.shots is None else self.shots
+        return min(want, len(task.dev))
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", dynamic_ncols=True, disable=not enabled, leave=False)
+
+
+def _nll(logprob_sum: np.ndarray, n_tokens: np.ndarray) -> float:
+    total = int(n_tokens.sum())
+    return float(-logprob_sum.sum() / total) if total else math.nan
+
+
+def evaluate_mc(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[TaskRow, ...],
+                config: EvalConfig, *, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Accuracy by summed and by length-normalised log-likelihood, and the correct choice's NLL."""
+    enc = ChatEncoder(lm.tokenizer, max_length=config.max_length)
+    groups = [[enc.encode_answer(prompt_messages(row, "mc", exemplars), c) for c in row.choices] for row in rows]
+    items: list[Encoded] = [it for g in groups for it in g]
+    if config.share_prefix:
+        bar = _bar(len(rows), "questions", progress)
+        g_sums, g_counts = shared_prefix_logprobs(lm.model, groups, pad_id=_pad_id(lm.tokenizer),
+                                                  on_group=bar.update)
+        sums, counts = np.concatenate(g_sums), np.concatenate(g_counts)
+    else:
+        bar = _bar(len(items), "choices", progress)
+        sums, counts = continuation_logprobs(lm.model, items, batch_tokens=config.batch_tokens,
+                                             pad_id=_pad_id(lm.tokenizer), on_batch=bar.update)
+    bar.close()
+    preds: list[dict[str, Any]] = []
+    gold_lp, gold_n = [], []
+    k = 0
+    for row in rows:
+        m = len(row.choices)
+        lp = sums[k:k + m]
+        chars = np.array([it.n_chars for it in items[k:k + m]], dtype=np.float64)
+        pred, pred_norm = int(np.argmax(lp)), int(np.argmax(lp / np.maximum(chars, 1.0)))
+        gold_lp.append(lp[row.answer_index])
+        gold_n.append(counts[k + row.answer_index])
+        preds.append({"id": row.id, "gold": row.answer_index, "pred": pred, "pred_norm": pred_norm,
+                      "logprobs": [round(float(x), 4) for x in lp],
+                      "n_tokens": [int(x) for x in counts[k:k + m]]})
+        k += m
+    n = len(rows)
+    metrics = {
+        "acc": sum(p["pred"] == p["gold"] for p in preds) / n if n else math.nan,
+        "acc_norm": sum(p["pred_norm"] == p["gold"] for p in preds) / n if n else math.nan,
+        "answer_loss": _nll(np.array(gold_lp), np.array(gold_n)),
+        "answer_tokens": int(np.sum(gold_n)),
+        "prompt_truncated": int(sum(it.n_truncated > 0 for it in items)),
+        "scored_tokens": int(sum(len(it.input_ids) for it in items)),
+    }
+    return metrics, preds
+
+
+Predictions = list[dict[str, Any]]
+
+
+def evaluate_math(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[TaskRow, ...],
+                  config: EvalConfig, *, progress: bool = True) -> tuple[dict[str, Any], Predictions]:
+    """Exact match of greedy generations and the NLL of the worked solutions."""
+    enc = ChatEncoder(lm.tokenizer, max_length=config.max_length)
+    prompts = [prompt_messages(row, "math", exemplars) for row in rows]
+    t0 = time.perf_counter()
+    items = [enc.encode_answer(p, gold_text(row, "math")) for p, row in zip(prompts, rows, strict=True)]
+    bar = _bar(len(items), "solution loss", progress)
+    sums, counts = continuation_logprobs(lm.model, items, batch_tokens=config.batch_tokens,
+                                         pad_id=_pad_id(lm.tokenizer), on_batch=bar.update)
+    bar.close()
+    t_loss = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bar = _bar(len(rows), "generate", progress)
+    texts, n_new = generate_greedy(lm.model, lm.tokenizer, [enc.encode_prompt(p) for p in prompts],
+                                   max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
+                                   on_batch=bar.update)
+    bar.close()
+    t_gen = time.perf_counter() - t0
+    preds = []
+    for row, text, k in zip(rows, texts, n_new, strict=True):
+        parsed = extract_number(text)
+        preds.append({"id": row.id, "gold": row.answer, "pred": parsed,
+                      "correct": numbers_match(parsed, row.answer), "generated_tokens": int(k),
+                      "hit_limit": bool(k >= config.max_new_tokens), "generation": text})
+    n = len(rows)
+    metrics = {
+        "exact_match": sum(p["correct"] for p in preds) / n if n else math.nan,
+        "answer_loss": _nll(sums, counts),
+        "answer_tokens": int(counts.sum()),
+        "unparsed": int(sum(p["pred"] is None for p in preds)),
+        "hit_token_limit": int(sum(p["hit_limit"] for p in preds)),
+        "mean_generated_tokens": float(np.mean(n_new)) if n else math.nan,
+        "prompt_truncated": int(sum(it.n_truncated > 0 for it in items)),
+        "seconds_loss": round(t_loss, 3),
+        "seconds_generate": round(t_gen, 3),
+    }
+    return metrics, preds
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def evaluate_model(lm: LoadedModel, task: Task, config: EvalConfig | None = None, *,
+                   progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score ``lm`` on ``task``: ``(result, per-row predictions)``.
+
+    ``result`` holds ``metrics`` plus what is needed to read them: the kind, the number of test
+    rows used (``n`` of ``n_test``), the shots and the seconds taken.
+    """
+    config = config if config is not None else EvalConfig()
+    rows = task.subset(config.limit, config.limit_seed)
+    shots = config.shots_for(task)
+    exemplars = task.dev[:shots]
+    t0 = time.perf_counter()
+    fn = evaluate_mc if task.kind == "mc" else evaluate_math
+    metrics, preds = fn(lm, rows, exemplars, config, progress=progress)
+    result = {
+        "task": task.name,
+        "task_path": task.path,
+        "kind": task.kind,
+        "n": len(rows),
+        "n_test": len(task.test),
+        "limit_seed": config.limit_seed if len(rows) < len(task.test) else None,
+        "shots": shots,
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return result, preds
+
+
+PRIMARY_METRIC: dict[str, str] = {"mc": "acc", "math": "exact_match"}
+METRICS: dict[str, tuple[str, ...]] = {"mc": ("acc", "acc_norm", "answer_loss"),
+                                       "math": ("exact_match", "answer_loss")}

@@ -1,0 +1,313 @@
+"""Model-facing evaluation primitives: chat rendering, continuation log-likelihood, greedy decoding.
+
+- :class:`ChatEncoder` renders ``prompt messages + assistant answer`` with the tokenizer's chat
+  template (or the plain ``<|user|>`` template of ``trim_select.data`` when it has none) and marks
+  the answer's tokens by character offsets, so the scored tokens are exactly the ones the model
+  reads in that position in training.
+- :func:`continuation_logprobs` sums ``log p(answer token | everything before it)`` per sequence.
+  Batches are right-padded and causal, so padding never changes a result; the LM head is applied
+  only at the positions that predict answer tokens.
+- :func:`shared_prefix_logprobs` does the same for the choices of one question with a single
+  forward pass of their shared prompt (its key/value cache is reused for every choice).
+- :func:`generate_greedy` decodes left-padded batches greedily until an end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..batching import plan_batches
+from ..data import PLAIN_TEMPLATE_HEADERS, Message
+from ..models import base_model
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised prompt + answer. ``target_mask[i]``: token ``i`` belongs to the answer."""
+
+    input_ids: np.ndarray
+    target_mask: np.ndarray
+    n_chars: int  # length of the answer text in characters (length normalisation)
+    n_truncated: int = 0  # prompt tokens dropped from the left to fit ``max_length``
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_mask.sum())
+
+
+class ChatEncoder:
+    """Turns chat messages into token ids the way training renders them.
+
+    ``use_chat_template=None`` uses the tokenizer's chat template when it has one.
+    """
+
+    def __init__(self, tokenizer: Any, *, use_chat_template: bool | None = None, max_length: int = 2048):
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError("evaluation needs a fast (Rust) tokenizer for offset mapping")
+        self.tokenizer = tokenizer
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if use_chat_template is None else use_chat_template
+        self.max_length = max_length
+
+    def text(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
+        """The rendered conversation (with the assistant header at the end if asked)."""
+        if self.use_chat_template:
+            conv = [{"role": m.role, "content": m.content} for m in messages]
+            return self.tokenizer.apply_chat_template(conv, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        tok = self.tokenizer
+        turns = "".join(PLAIN_TEMPLATE_HEADERS[m.role] + m.content + "\n" for m in messages)
+        text = (tok.bos_token or "") + turns
+        return text + (PLAIN_TEMPLATE_HEADERS["assistant"] if add_generation_prompt else tok.eos_token or "")
+
+    @staticmethod
+    def _last_span(text: str, messages: Sequence[Message]) -> tuple[int, int]:
+        """Character span of the last message's content: contents are found in order, left to right."""
+        cursor, start, end = 0, 0, 0
+        for k, m in enumerate(messages):
+            content = m.content
+            start = text.find(content, cursor)
+            if start < 0:
+                content = content.strip()
+                start = text.find(content, cursor)
+            if start < 0:
+                raise ValueError(f"message {k} ({m.role}) not found verbatim in the rendered template")
+            end = start + len(content)
+            cursor = end
+        return start, end
+
+    def encode_prompt(self, prompt: Sequence[Message]) -> np.ndarray:
+        """Token ids of ``prompt`` followed by the assistant header (what a generation starts from)."""
+        enc = self.tokenizer(self.text(prompt, add_generation_prompt=True), add_special_tokens=False)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        return ids[-self.max_length:]
+
+    def encode_answer(self, prompt: Sequence[Message], answer: str) -> Encoded:
+        """Token ids of ``prompt`` + assistant ``answer`` and the mask of the answer's tokens."""
+        messages = [*prompt, Message("assistant", answer)]
+        text = self.text(messages)
+        a, b = self._last_span(text, messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        target = (starts < b) & (ends > a) & (ends > starts)
+        if not target.any():
+            raise ValueError(f"answer {answer[:40]!r} has no tokens")
+        first = int(np.argmax(target))
+        if first == 0:
+            raise ValueError("the answer starts the sequence: nothing to condition on")
+        last = len(ids) - int(np.argmax(target[::-1]))  # one past the last answer token
+        ids, target = ids[:last], target[:last]  # the template's end-of-turn tokens are not scored
+        n_trunc = max(0, len(ids) - self.max_length)
+        if n_trunc:
+            if n_trunc >= first:
+                raise ValueError(f"the answer alone is longer than max_length={self.max_length}")
+            ids, target = ids[n_trunc:], target[n_trunc:]
+        return Encoded(ids, target, len(answer), n_trunc)
+
+
+def _logit_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden states -> float32 logits, with the model's final scaling / soft-capping when it has one
+    (Cohere ``logit_scale``, Granite ``logits_scaling``, Gemma 2 ``final_logit_softcapping``)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    scale = getattr(model.config, "logit_scale", None)
+    divide = getattr(model.config, "logits_scaling", None)
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if scale is not None:
+            logits = logits * scale
+        if divide:
+            logits = logits / divide
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return apply
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: Any,
+    items: Sequence[Encoded],
+    *,
+    batch_tokens: int = 8192,
+    max_batch_size: int = 64,
+    pad_id: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per item: the summed log-probability of its answer tokens and their number.
+
+    Returns ``(logprob_sum float64[n], n_tokens int64[n])``.
+    """
+    n = len(items)
+    sums = np.zeros(n, dtype=np.float64)
+    counts = np.array([it.n_targets for it in items], dtype=np.int64)
+    if n == 0:
+        return sums, counts
+    device = next(model.parameters()).device
+    decoder, head = base_model(model), _logit_head(model)
+    for batch in plan_batches([len(it.input_ids) for it in items], batch_tokens, max_batch_size):
+        t = max(len(items[i].input_ids) for i in batch)
+        ids = np.full((len(batch), t), pad_id, dtype=np.int64)
+        attn = np.zeros((len(batch), t), dtype=np.int64)
+        target = np.zeros((len(batch), t), dtype=bool)
+        for r, i in enumerate(batch):
+            it = items[i]
+            ids[r, :len(it.input_ids)] = it.input_ids
+            attn[r, :len(it.input_ids)] = 1
+            target[r, :len(it.input_ids)] = it.target_mask
+        ids_t = torch.from_numpy(ids).to(device)
+        hidden = decoder(input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device)).last_hidden_state
+        # position p predicts token p + 1
+        rows, cols = np.nonzero(target[:, 1:])
+        rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+        logp = torch.log_softmax(head(hidden[rows_t, cols_t]), dim=-1)
+        tok_lp = logp.gather(1, ids_t[rows_t, cols_t + 1].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+        np.add.at(sums, np.asarray(batch)[rows], tok_lp)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return sums, counts
+
+
+def _common_prefix(group: Sequence[Encoded]) -> int:
+    """Length of the prompt shared by every item of ``group`` (0 when their prompts differ)."""
+    first = [int(np.argmax(it.target_mask)) for it in group]
+    p = first[0]
+    same = all(np.array_equal(it.input_ids[:p], group[0].input_ids[:p]) for it in group)
+    return p if same and all(f == p for f in first) else 0
+    return p
+
+
+@torch.inference_mode()
+def shared_prefix_logprobs(
+    model: Any,
+    groups: Sequence[Sequence[Encoded]],
+    *,
+    pad_id: int = 0,
+    on_group: Callable[[int], None] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`continuation_logprobs` for groups that share their prompt (the choices of one question).
+
+    The prompt goes through the model once; its key/value cache is repeated for every answer,
+    which is then scored in one right-padded batch. Same numbers as scoring each sequence whole (up
+    to float rounding); a group whose prompts differ is scored whole. Returns per-group arrays.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    decoder, head = base_model(model), _logit_head(model)
+    sums_out, counts_out = [], []
+    for group in groups:
+        p = _common_prefix(group)
+        if p == 0 or any(not it.target_mask[p:].all() for it in group):
+            s, c = continuation_logprobs(model, group, pad_id=pad_id)
+            sums_out.append(s)
+            counts_out.append(c)
+            if on_group is not None:
+                on_group(1)
+            continue
+        prefix = torch.from_numpy(group[0].input_ids[:p]).unsqueeze(0).to(device)
+        cache = DynamicCache()
+        pre = decoder(input_ids=prefix, past_key_values=cache, use_cache=True)
+        first_lp = torch.log_softmax(head(pre.last_hidden_state[0, -1]), dim=-1)
+        m = len(group)
+        conts = [it.input_ids[p:] for it in group]
+        t = max(len(c) for c in conts)
+        ids = np.full((m, t), pad_id, dtype=np.int64)
+        attn = np.zeros((m, p + t), dtype=np.int64)
+        attn[:, :p] = 1
+        for r, c in enumerate(conts):
+            ids[r, :len(c)] = c
+            attn[r, p:p + len(c)] = 1
+        ids_t = torch.from_numpy(ids).to(device)
+        sums = np.array([float(first_lp[int(c[0])]) for c in conts], dtype=np.float64)
+        if t > 1:
+            pre.past_key_values.batch_repeat_interleave(m)
+            pos = torch.arange(p, p + t, device=device).unsqueeze(0).expand(m, t)
+            hidden = decoder(input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device),
+                             position_ids=pos, past_key_values=pre.past_key_values,
+                             use_cache=True).last_hidden_state
+            valid = np.zeros((m, t), dtype=bool)  # cont position j predicts cont token j + 1
+            for r, c in enumerate(conts):
+                valid[r, :len(c) - 1] = True
+            rows, cols = np.nonzero(valid)
+            rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
+            logp = torch.log_softmax(head(hidden[rows_t, cols_t]), dim=-1)
+            tok_lp = logp.gather(1, ids_t[rows_t, cols_t + 1].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+            np.add.at(sums, rows, tok_lp)
+        sums_out.append(sums)
+        counts_out.append(np.array([len(c) for c in conts], dtype=np.int64))
+        if on_group is not None:
+            on_group(1)
+    return sums_out, counts_out
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """End-of-turn ids: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for source in (tokenizer.eos_token_id, gen_eos):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(x) for x in source)
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def generate_greedy(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[np.ndarray],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """Greedy continuations of ``prompts`` (token ids), stopped at an end-of-turn token.
+
+    Prompts are batched longest first and left-padded. Returns the decoded texts (special
+    tokens removed) and the number of generated tokens per prompt (stop token excluded).
+    """
+    from transformers import GenerationConfig
+
+    n = len(prompts)
+    texts = [""] * n
+    lengths = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return texts, lengths
+    device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               eos_token_id=stops or None, pad_token_id=pad_id)
+    order = np.argsort(-np.array([len(p) for p in prompts]), kind="stable")
+    for start in range(0, n, batch_size):
+        batch = order[start:start + batch_size]
+        t = max(len(prompts[i]) for i in batch)
+        ids = np.full((len(batch), t), pad_id, dtype=np.int64)
+        attn = np.zeros((len(batch), t), dtype=np.int64)
+        for r, i in enumerate(batch):
+            p = prompts[i]
+            ids[r, t - len(p):] = p
+            attn[r, t - len(p):] = 1
+        out = model.generate(input_ids=torch.from_numpy(ids).to(device),
+                             attention_mask=torch.from_numpy(attn).to(device), generation_config=gen_cfg)
+        new = out[:, t:].cpu().numpy()
+        for r, i in enumerate(batch):
+            row = new[r]
+            stop_at = np.flatnonzero(np.isin(row, stops)) if stops else np.zeros(0, dtype=np.int64)
+            k = int(stop_at[0]) if len(stop_at) else len(row)
+            lengths[i] = k
+            texts[i] = tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return texts, lengths
