@@ -2,6 +2,7 @@
 ``evaluate`` / ``compare`` commands end to end on the tiny model."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -208,6 +209,9 @@ def test_answer_loss_is_the_pooled_per_token_nll_of_the_gold_answer(tiny):
         total, count = total - lp, count + n
     assert metrics["answer_tokens"] == count
     assert metrics["answer_loss"] == pytest.approx(total / count, abs=1e-4)
+    loss_only, preds = evaluate_math(tiny, rows, rows[:1], replace(cfg, generate=False), progress=False)
+    assert loss_only["answer_loss"] == metrics["answer_loss"] and loss_only["exact_match"] is None
+    assert "generation" not in preds[0]
     mc_metrics, preds = evaluate_mc(tiny, rows_of(MC_ROWS, "mc"), (), cfg, progress=False)
     gold_lp = sum(p["logprobs"][p["gold"]] for p in preds)
     gold_n = sum(p["n_tokens"][p["gold"]] for p in preds)

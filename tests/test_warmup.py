@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -203,12 +204,14 @@ def test_refuses_to_resume_with_other_settings(tiny_dir, tmp_path):
 
 
 def test_micro_batch_split_does_not_change_the_update(tiny_dir, tmp_path):
-    # the loss is normalised by the response tokens of the whole effective batch (not per micro-batch)
+    # the loss is normalised by the response tokens of the whole effective batch (not per micro-batch),
+    # and padding is masked: one padded micro-batch of 6 == six unpadded micro-batches of 1
     base = LoraRecipe(lr=1e-2, epochs=1, batch_size=6, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                       warmup_ratio=0.0)
-    one = train_lora(str(tiny_dir), _records(6), tmp_path / "one", base, progress=False)
-    many = train_lora(str(tiny_dir), _records(6), tmp_path / "many",
-                      LoraRecipe(**{**base.__dict__, "micro_batch_tokens": 1}), progress=False)
+    one = train_lora(str(tiny_dir), _records(6), tmp_path / "one", replace(base, micro_batch_size=6),
+                     progress=False)
+    many = train_lora(str(tiny_dir), _records(6), tmp_path / "many", replace(base, micro_batch_size=1),
+                      progress=False)
     a, b = _adapter(one.final), _adapter(many.final)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -21,6 +21,8 @@ LimitSeed = Annotated[int, typer.Option("--limit-seed", help="Seed of the --limi
 Shots = Annotated[int | None, typer.Option(
     "--shots", help="Exemplars from dev.jsonl as chat turns (default: 5 multiple choice, 4 math).")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Math: greedy decoding budget per answer.")]
+Generate = Annotated[bool, typer.Option(
+    "--generate/--no-generate", help="Math: greedy decoding for exact match (--no-generate: answer loss only).")]
 GenBatch = Annotated[int, typer.Option("--gen-batch-size", help="Math: prompts per generation batch.")]
 EvalBatchTok = Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per log-likelihood batch.")]
 EvalDtype = Annotated[str, typer.Option(
@@ -43,14 +45,14 @@ MicroTok = Annotated[int, typer.Option("--micro-batch-tokens", help="Padded toke
 
 
 def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, shots: int | None,
-             max_new_tokens: int, gen_batch_size: int, batch_tokens: int, epochs: int, lr: float,
+             max_new_tokens: int, generate: bool, gen_batch_size: int, batch_tokens: int, epochs: int, lr: float,
              batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float, train_max_length: int,
              train_dtype: str, micro_batch_tokens: int) -> tuple[Any, Any]:
     from ..evaluation import EvalConfig, evaluation_recipe
 
     try:
         config = EvalConfig(shots=shots, limit=limit, limit_seed=limit_seed, max_new_tokens=max_new_tokens,
-                            gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, device=device,
+                            generate=generate, gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, device=device,
                             dtype=dtype)
         overrides: dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_r": lora_r,
                                      "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
@@ -81,6 +83,7 @@ def evaluate_cmd(
     limit_seed: LimitSeed = 0,
     shots: Shots = None,
     max_new_tokens: MaxNew = 256,
+    generate: Generate = True,
     gen_batch_size: GenBatch = 16,
     batch_tokens: EvalBatchTok = 8192,
     epochs: Epochs = 2,
@@ -104,7 +107,7 @@ def evaluate_cmd(
     from ..evaluation import evaluate
 
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
+                              max_new_tokens=max_new_tokens, generate=generate, gen_batch_size=gen_batch_size,
                               batch_tokens=batch_tokens, epochs=epochs, lr=lr, batch_size=batch_size,
                               lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               train_max_length=train_max_length, train_dtype=train_dtype,
@@ -142,6 +145,7 @@ def compare_cmd(
     limit_seed: LimitSeed = 0,
     shots: Shots = None,
     max_new_tokens: MaxNew = 256,
+    generate: Generate = True,
     gen_batch_size: GenBatch = 16,
     batch_tokens: EvalBatchTok = 8192,
     epochs: Epochs = 2,
@@ -166,7 +170,7 @@ def compare_cmd(
     from ..evaluation import compare
 
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size,
+                              max_new_tokens=max_new_tokens, generate=generate, gen_batch_size=gen_batch_size,
                               batch_tokens=batch_tokens, epochs=epochs, lr=lr, batch_size=batch_size,
                               lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               train_max_length=train_max_length, train_dtype=train_dtype,

@@ -54,8 +54,8 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Effective batch in
 MicroTok = Annotated[int, typer.Option("--micro-batch-tokens",
                                        help="Padded tokens per forward/backward (memory; not the math).")]
 MicroSize = Annotated[int, typer.Option("--micro-batch-size",
-                                        help="Max sequences per micro-batch (0: token budget only). 1 lets "
-                                             "SDPA skip the padding mask (flash kernel, less memory).")]
+                                        help="Max sequences per micro-batch; 0: auto (1 on CPU: no padding "
+                                             "mask, faster and leaner; token budget only on GPU).")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
 SaveSteps = Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps (0: every epoch).")]
 GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations (memory).")]

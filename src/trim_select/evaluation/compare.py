@@ -38,6 +38,7 @@ from .harness import METRICS, PRIMARY_METRIC, EvalConfig
 from .runner import (
     METRIC_LABELS,
     aggregate,
+    decoding_note,
     evaluate_reference,
     evaluation_recipe,
     fmt_metric,
@@ -157,7 +158,7 @@ def compare_markdown(summary: dict[str, Any]) -> str:
                   f"{t['n']} of {t['n_test']} test rows"
                   + (f" (seeded subset, seed {t['limit_seed']})" if t.get("limit_seed") is not None else "")
                   + f", {t['shots']}-shot"
-                  + (f", greedy decoding up to {t['max_new_tokens']} tokens" if kind == "math" else "")
+                  + (decoding_note(t) if kind == "math" else "")
                   + ".", ""]
         head = ["method", "seeds", *(METRIC_LABELS.get(m, m) for m in metrics), "select s", "fwd passes",
                 "bwd passes", "source mix", "mean tokens"]
@@ -285,7 +286,7 @@ def compare(
             "path": task.path, "kind": task.kind, "primary_metric": PRIMARY_METRIC[task.kind],
             "n": any_res["n"] if any_res else None, "n_test": len(task.test),
             "limit_seed": any_res.get("limit_seed") if any_res else None, "shots": config.shots_for(task),
-            "max_new_tokens": config.max_new_tokens,
+            "max_new_tokens": config.max_new_tokens, "generate": config.generate,
             "base": {"metrics": ref["metrics"], "seconds": ref["seconds"]} if ref else None,
             "methods": rows,
         }

@@ -231,6 +231,13 @@ def fmt_metric(stat: dict[str, Any] | float | None, metric: str) -> str:
     return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
 
 
+def decoding_note(task_entry: dict[str, Any]) -> str:
+    """How a math task was scored, for the table captions."""
+    if task_entry.get("generate", True):
+        return f", greedy decoding up to {task_entry['max_new_tokens']} new tokens"
+    return ", answer loss only (no decoding)"
+
+
 RECIPE_SHOWN = ("epochs", "lr", "batch_size", "lora_r", "lora_alpha", "lora_dropout", "dtype", "max_length")
 METRIC_LABELS = {"acc": "acc %", "acc_norm": "acc_norm %", "exact_match": "EM %", "answer_loss": "answer NLL"}
 
@@ -251,7 +258,7 @@ def evaluation_markdown(summary: dict[str, Any]) -> str:
                   f"{t['n']} of {t['n_test']} test rows"
                   + (f" (seeded subset, seed {t['limit_seed']})" if t.get("limit_seed") is not None else "")
                   + f", {t['shots']}-shot from dev.jsonl"
-                  + (f", greedy decoding up to {t['max_new_tokens']} new tokens" if kind == "math" else "")
+                  + (decoding_note(t) if kind == "math" else "")
                   + ".", ""]
         labels = " | ".join(METRIC_LABELS.get(m, m) for m in metrics)
         lines.append(f"| model | seeds | {labels} | train s | eval s |")
@@ -327,6 +334,7 @@ def evaluate(
             "n": first["n"] if first else None, "n_test": len(task.test),
             "limit_seed": first.get("limit_seed") if first else None,
             "shots": config.shots_for(task), "max_new_tokens": config.max_new_tokens,
+            "generate": config.generate,
             "references": [{k: r[k] for k in ("label", "model", "metrics", "seconds")}
                            for r in refs[task.name]],
         }
