@@ -251,6 +251,7 @@ def test_evaluate_reports_seeds_mean_std_base_row_and_resumes(tmp_path, tiny_dir
 
     from trim_select.cli import app
     from trim_select.evaluation import evaluate, evaluation_recipe
+    from trim_select.evaluation.runner import load_finetuned
 
     train = write_jsonl(tmp_path / "coreset.jsonl", TRAIN_ROWS)
     out = tmp_path / "eval"
@@ -278,6 +279,14 @@ def test_evaluate_reports_seeds_mean_std_base_row_and_resumes(tmp_path, tiny_dir
     assert json.loads((out / "evaluation.json").read_text())["tasks"]["arith"]["finetuned"]["seeds"] == [0, 1]
     preds = (out / "arith" / "predictions" / "seed-1.jsonl").read_text().splitlines()
     assert len(preds) == 2 and "generation" in json.loads(preds[0])
+
+    # the unmerged adapter (default) computes what the merged model computes
+    adapter = json.loads((out / "arith" / "seed-0.json").read_text())["train"]["adapter"]
+    cfg = EvalConfig(**TINY_EVAL)
+    unmerged, merged = load_finetuned(adapter, cfg), load_finetuned(adapter, replace(cfg, merge_adapter=True))
+    item = ChatEncoder(unmerged.tokenizer).encode_answer([Message("user", "Compute 3 + 4.")], "7 #### 7")
+    np.testing.assert_allclose(continuation_logprobs(unmerged.model, [item])[0],
+                               continuation_logprobs(merged.model, [item])[0], atol=1e-4)
 
     # the CLI with the same settings reuses every result (no training, no scoring)
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("seed-*.json")}

@@ -22,7 +22,12 @@ Shots = Annotated[int | None, typer.Option(
     "--shots", help="Exemplars from dev.jsonl as chat turns (default: 5 multiple choice, 4 math).")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Math: greedy decoding budget per answer.")]
 Generate = Annotated[bool, typer.Option(
-    "--generate/--no-generate", help="Math: greedy decoding for exact match (--no-generate: answer loss only).")]
+    "--generate/--no-generate",
+    help="Math: greedy decoding for exact match (--no-generate: answer loss only).")]
+Merge = Annotated[bool, typer.Option(
+    "--merge-adapter/--unmerged-adapter",
+    help="Evaluate fine-tuned models with the LoRA merged into the weights (faster; in bf16 the rounding of "
+         "W + BA blurs small effects) or kept apart (default).")]
 GenBatch = Annotated[int, typer.Option("--gen-batch-size", help="Math: prompts per generation batch.")]
 EvalBatchTok = Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per log-likelihood batch.")]
 EvalDtype = Annotated[str, typer.Option(
@@ -45,15 +50,17 @@ MicroTok = Annotated[int, typer.Option("--micro-batch-tokens", help="Padded toke
 
 
 def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, shots: int | None,
-             max_new_tokens: int, generate: bool, gen_batch_size: int, batch_tokens: int, epochs: int, lr: float,
-             batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float, train_max_length: int,
-             train_dtype: str, micro_batch_tokens: int) -> tuple[Any, Any]:
+             max_new_tokens: int, generate: bool, merge_adapter: bool, gen_batch_size: int,
+             batch_tokens: int, epochs: int, lr: float, batch_size: int, lora_r: int, lora_alpha: int,
+             lora_dropout: float, train_max_length: int, train_dtype: str,
+             micro_batch_tokens: int) -> tuple[Any, Any]:
+    """(EvalConfig, LoraRecipe) from CLI values; bad values become a usage error."""
     from ..evaluation import EvalConfig, evaluation_recipe
 
     try:
         config = EvalConfig(shots=shots, limit=limit, limit_seed=limit_seed, max_new_tokens=max_new_tokens,
-                            generate=generate, gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, device=device,
-                            dtype=dtype)
+                            generate=generate, merge_adapter=merge_adapter, gen_batch_size=gen_batch_size,
+                            batch_tokens=batch_tokens, device=device, dtype=dtype)
         overrides: dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_r": lora_r,
                                      "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
                                      "max_length": train_max_length, "micro_batch_tokens": micro_batch_tokens}
@@ -84,6 +91,7 @@ def evaluate_cmd(
     shots: Shots = None,
     max_new_tokens: MaxNew = 256,
     generate: Generate = True,
+    merge_adapter: Merge = False,
     gen_batch_size: GenBatch = 16,
     batch_tokens: EvalBatchTok = 8192,
     epochs: Epochs = 2,
@@ -107,8 +115,9 @@ def evaluate_cmd(
     from ..evaluation import evaluate
 
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, generate=generate, gen_batch_size=gen_batch_size,
-                              batch_tokens=batch_tokens, epochs=epochs, lr=lr, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
+                              gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
+                              batch_size=batch_size,
                               lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               train_max_length=train_max_length, train_dtype=train_dtype,
                               micro_batch_tokens=micro_batch_tokens)
@@ -146,6 +155,7 @@ def compare_cmd(
     shots: Shots = None,
     max_new_tokens: MaxNew = 256,
     generate: Generate = True,
+    merge_adapter: Merge = False,
     gen_batch_size: GenBatch = 16,
     batch_tokens: EvalBatchTok = 8192,
     epochs: Epochs = 2,
@@ -170,8 +180,9 @@ def compare_cmd(
     from ..evaluation import compare
 
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, generate=generate, gen_batch_size=gen_batch_size,
-                              batch_tokens=batch_tokens, epochs=epochs, lr=lr, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
+                              gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
+                              batch_size=batch_size,
                               lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               train_max_length=train_max_length, train_dtype=train_dtype,
                               micro_batch_tokens=micro_batch_tokens)

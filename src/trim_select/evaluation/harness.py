@@ -38,6 +38,9 @@ class EvalConfig:
     max_length: int = 2048  # prompt + answer; longer prompts lose their left end (oldest exemplars)
     share_prefix: bool = True  # multiple choice: one prompt forward per question, its KV cache reused
     generate: bool = True  # math: greedy decoding for exact match (False: answer loss only, ~3x cheaper)
+    # fine-tuned models keep the LoRA adapter unmerged: merging into bf16 weights rounds W + BA
+    # element by element, noise of the order of the fine-tuning effect on the answer loss
+    merge_adapter: bool = False
     device: str = "auto"
     dtype: str = "auto"  # auto: bf16 where supported (as TRIM scoring), else float32
 
@@ -70,7 +73,8 @@ def evaluate_mc(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[Tas
                 config: EvalConfig, *, progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy by summed and by length-normalised log-likelihood, and the correct choice's NLL."""
     enc = ChatEncoder(lm.tokenizer, max_length=config.max_length)
-    groups = [[enc.encode_answer(prompt_messages(row, "mc", exemplars), c) for c in row.choices] for row in rows]
+    prompts = [prompt_messages(row, "mc", exemplars) for row in rows]
+    groups = [[enc.encode_answer(p, c) for c in row.choices] for p, row in zip(prompts, rows, strict=True)]
     items: list[Encoded] = [it for g in groups for it in g]
     if config.share_prefix:
         bar = _bar(len(rows), "questions", progress)
@@ -126,7 +130,8 @@ def evaluate_math(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[T
     n = len(rows)
     gold_nll = [round(float(-s / c), 4) if c else None for s, c in zip(sums, counts, strict=True)]
     if not config.generate:  # answer loss only
-        preds = [{"id": row.id, "gold": row.answer, "answer_nll": g} for row, g in zip(rows, gold_nll, strict=True)]
+        preds = [{"id": row.id, "gold": row.answer, "answer_nll": g}
+                 for row, g in zip(rows, gold_nll, strict=True)]
         return {"exact_match": None, "answer_loss": _nll(sums, counts), "answer_tokens": int(counts.sum()),
                 "prompt_truncated": int(sum(it.n_truncated > 0 for it in items)),
                 "seconds_loss": round(t_loss, 3)}, preds

@@ -31,7 +31,14 @@ import numpy as np
 from ..config import config_hash, to_dict
 from ..data import Record, read_records
 from ..io import atomic_path, write_json
-from ..models import cpu_supports_bf16, load_model, resolve_device, resolve_model_path
+from ..models import (
+    LoadedModel,
+    cpu_supports_bf16,
+    load_model,
+    resolve_device,
+    resolve_model_path,
+    weights_sha256,
+)
 from .harness import METRICS, PRIMARY_METRIC, EvalConfig, evaluate_model
 from .tasks import Task, load_task
 
@@ -118,6 +125,32 @@ def _say(progress: bool, text: str) -> None:
         tqdm.write(text)
 
 
+def load_finetuned(adapter: str | Path, config: EvalConfig) -> LoadedModel:
+    """A LoRA adapter folder (``train_lora``'s ``final/``) on its base model, ready to evaluate.
+
+    By default the adapter stays unmerged (peft keeps its weights in float32): base weights are the
+    exact ones the untuned reference row used, so base-vs-tuned differences are not blurred by
+    rounding ``W + BA`` into bf16. ``config.merge_adapter`` merges (``load_model``; a little faster).
+    """
+    if config.merge_adapter:
+        return load_model(str(adapter), device=config.device, dtype=config.dtype)
+    from peft import PeftModel
+
+    adapter = Path(adapter)
+    marker = adapter / "trim_select_base.json"
+    if marker.exists():
+        base_spec = json.loads(marker.read_text())["base"]
+    else:
+        base_spec = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_model(base_spec, device=config.device, dtype=config.dtype)
+    peft_model = PeftModel.from_pretrained(base.model, str(adapter))
+    net = peft_model.base_model.model  # the causal LM with LoRA layers injected in place
+    net.eval()
+    net.requires_grad_(False)
+    sha = hashlib.sha256((base.sha256 + weights_sha256(adapter)).encode()).hexdigest()
+    return LoadedModel(model=net, tokenizer=base.tokenizer, name=str(adapter), path=str(adapter), sha256=sha)
+
+
 def _model_id(spec: str) -> str:
     return str(resolve_model_path(spec).resolve())
 
@@ -195,7 +228,7 @@ def train_and_evaluate(
                "first_loss": trained.losses[0] if trained.losses else None,
                "last_loss": trained.losses[-1] if trained.losses else None}
     t0 = time.perf_counter()
-    lm = load_model(str(trained.final), device=config.device, dtype=config.dtype)
+    lm = load_finetuned(trained.final, config)
     load_s = time.perf_counter() - t0
     for task in todo:
         _say(progress, f"[{task.name}] evaluating seed {seed}")
