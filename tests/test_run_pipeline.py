@@ -161,6 +161,19 @@ def test_no_warmup_scores_with_the_base_model_like_select(tiny_dir, data, tmp_pa
     assert json.loads((tmp_path / "run" / "run.json").read_text())["warmup"] is None
 
 
+def test_run_on_two_local_workers_equals_one_process(tiny_dir, data, tmp_path):
+    pool, t1, _ = data
+    args = ("run", "--pool", pool, "--targets", t1, "--budget", "25%", "--model", tiny_dir, "--chunk-size", "5",
+            *WARM)
+    _invoke(*args, "--out", tmp_path / "one")
+    _invoke(*args, "--out", tmp_path / "two", "--workers", "2")
+    assert (tmp_path / "two" / "coreset.jsonl").read_bytes() == (tmp_path / "one" / "coreset.jsonl").read_bytes()
+    one, two = (pq.read_table(tmp_path / d / "scores.parquet").to_pandas() for d in ("one", "two"))
+    np.testing.assert_array_equal(one["score"].to_numpy(), two["score"].to_numpy())
+    report = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert report["distributed"]["workers"] == 2 and report["warmup"] is not None
+
+
 def test_warmup_command_writes_final_adapter_and_reports_cache(tiny_dir, data, tmp_path):
     pool, _, _ = data
     args = ["warmup", "--pool", pool, "--out", tmp_path / "w", "--model", tiny_dir, *WARM]

@@ -842,7 +842,8 @@ def run(
         info = score_local(plan, out_dir, workers=workers, progress=sel.progress)
     times = dict(sel.times.seconds)
     times["stage2_scoring"] = info.get("scoring_s", 0.0)
-    report = merge(out_dir, budget, pool=pool, extra={**info, **(extra or {})}, times=times)
+    report = merge(out_dir, budget, pool=pool, extra=info, times=times)
+    report.update(extra or {})  # the caller's top-level run.json fields, as sel.run records them
     report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     write_json(Path(out_dir) / "run.json", report)
     return report

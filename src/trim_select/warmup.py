@@ -819,6 +819,9 @@ def run_pipeline(
     skip_invalid: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Algorithm 3 of the paper with every stage cached in ``out_dir``::
 
@@ -829,8 +832,11 @@ def run_pipeline(
         OUT/run.json, coreset.jsonl, scores.parquet   copies of the latest run's outputs
 
     A rerun with new targets or budget reuses the warmup (and, same targets, the scores); a crashed
-    run resumes (warmup from its last checkpoint, Stage II from its finished chunks).
+    run resumes (warmup from its last checkpoint, Stage II from its finished chunks). Stage II runs
+    on ``engine`` (:func:`trim_select.distributed.run`: ``local`` with ``workers``, or ``ray`` at
+    ``ray_address``); the engine does not change the scores, so it is not part of the run key.
     """
+    from .distributed import run as run_on_engine
     from .selector import TrimSelector
 
     pipeline = pipeline or PipelineConfig()
@@ -882,15 +888,17 @@ def run_pipeline(
                             progress=progress)
 
     if len(models) == 1:
-        sel = selector(models[0])
-        report = sel.run(pool, run_dir, budget, targets=targets, format=format, target_format=target_format,
-                         skip_invalid=skip_invalid, overwrite=overwrite, extra=extra)
+        report = run_on_engine(selector(models[0]), pool, run_dir, budget, engine=engine, workers=workers,
+                               ray_address=ray_address, targets=targets, format=format,
+                               target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
+                               extra=extra)
     else:
         tables = []
         for spec, ck in zip(models, ckpts, strict=True):
             sel = selector(spec)
-            sel.run(pool, run_dir / "ckpt" / ck.name, None, targets=targets, format=format,
-                    target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite)
+            run_on_engine(sel, pool, run_dir / "ckpt" / ck.name, None, engine=engine, workers=workers,
+                          ray_address=ray_address, targets=targets, format=format, target_format=target_format,
+                          skip_invalid=skip_invalid, overwrite=overwrite)
             tables.append(_read_scores(run_dir / "ckpt" / ck.name))
         table = aggregate_scores(tables, weights.tolist())
         fp_src = run_dir / "ckpt" / ckpts[-1].name / "fingerprints.safetensors"

@@ -15,6 +15,7 @@ from .core import (
     ColW,
     CovW,
     Device,
+    Engine,
     Format,
     Idf,
     Layers,
@@ -27,12 +28,14 @@ from .core import (
     Penalty,
     Pool,
     Quiet,
+    RayAddress,
     RowW,
     Scope,
     ScoreTemplate,
     Skip,
     Targets,
     Trust,
+    Workers,
     summarise,
 )
 
@@ -182,6 +185,9 @@ def run_cmd(
     device: Device = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Scoring dtype: auto|float32|bfloat16|float16.")]
     = "auto",
+    engine: Engine = "local",
+    workers: Workers = None,
+    ray_address: RayAddress = None,
     skip_invalid: Skip = False,
     overwrite: Overwrite = False,
     trust_remote_code: Trust = False,
@@ -211,7 +217,7 @@ def run_cmd(
     report = run_pipeline(pool, targets, out, budget, model=model, pipeline=cfg, render=render,
                           fingerprint=fpc, scoring=scoring, runtime=runtime, format=format,
                           target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
-                          progress=not quiet)
+                          progress=not quiet, engine=engine, workers=workers, ray_address=ray_address)
     w = report.get("warmup")
     if w:
         console.print(f"warmup {'reused' if w['cached'] else 'trained'}: {len(w['subset_ids'])} examples, "
