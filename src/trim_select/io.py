@@ -41,6 +41,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """A file's or folder's resolved path and size in bytes: the cheap identity cache keys use."""
+    p = Path(path).resolve()
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return {"path": str(p), "bytes": size}
+
+
+CORE_PACKAGES: tuple[str, ...] = ("trim-select", "torch", "transformers", "peft", "safetensors", "tokenizers",
+                                  "numpy", "pyarrow")
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Python and installed package versions (``CORE_PACKAGES`` + ``extra``), for run.json."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in (*CORE_PACKAGES, *extra):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,31 +31,13 @@ import pyarrow.parquet as pq
 from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from .data import DataError, Message, ReadStats, Record, Renderer, TokenSequence, read_records
 from .fingerprints import Fingerprints, build_fingerprints
-from .io import RejectWriter, ScoreWriter, atomic_path, write_json, write_parquet
+from .io import RejectWriter, ScoreWriter, atomic_path, package_versions, write_json, write_parquet
+from .io import file_identity as _file_identity
 from .models import LoadedModel, load_model
 from .scoring import Scorer, token_idf
 from .selection import rank, select_top
 
 log = logging.getLogger(__name__)
-
-
-def package_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("trim-select", "torch", "transformers", "peft", "safetensors", "tokenizers", "numpy",
-                 "pyarrow"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _file_identity(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    return {"path": str(p.resolve()), "bytes": size}
 
 
 @dataclass

@@ -56,7 +56,7 @@ import torch
 from .batching import collate, plan_batches
 from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from .data import Record, Renderer, TokenSequence, parse_budget, read_records
-from .io import atomic_path, write_json
+from .io import atomic_path, file_identity, write_json
 from .models import LoadedModel, resolve_device, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -648,18 +648,11 @@ def draw_subset(n_records: int, fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_records, size=k, replace=False))
 
 
-def _pool_identity(path: str | Path) -> dict[str, Any]:
-    p = Path(path).resolve()
-    st = p.stat()
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else st.st_size
-    return {"path": str(p), "bytes": size}
-
-
 def warmup_key(pool: str | Path, model: str | os.PathLike, fraction: float, seed: int, recipe: LoraRecipe,
                format: str | None = None, skip_invalid: bool = False) -> str:
     """Identity of a warmup: pool file, base model folder, subset and recipe."""
     base = str(resolve_model_path(model).resolve())
-    return config_hash(recipe.key_fields(), {"pool": _pool_identity(pool), "base": base, "fraction": fraction,
+    return config_hash(recipe.key_fields(), {"pool": file_identity(pool), "base": base, "fraction": fraction,
                                              "seed": seed, "format": format, "skip_invalid": skip_invalid})
 
 
@@ -715,7 +708,7 @@ def warmup(
                        trust_remote_code=trust_remote_code, on_step=on_step)
     result = WarmupResult(train, tuple(r.id for r in subset), tuple(r.index for r in subset), fraction, seed,
                           n_records)
-    write_json(done, {"key": key, "pool": _pool_identity(pool_path),
+    write_json(done, {"key": key, "pool": file_identity(pool_path),
                       "wall_s": round(time.perf_counter() - t0, 3), **result.to_dict()})
     return result
 
@@ -790,9 +783,9 @@ def _run_key(pool: str | Path, targets: str | Path, model_id: str, cfg: Pipeline
              format: str | None, target_format: str | None, skip_invalid: bool) -> str:
     """Identity of one selection run: target *content*, pool, scoring model and settings (not the budget)."""
     t = Path(targets)
-    digest = hashlib.sha256(t.read_bytes()).hexdigest() if t.is_file() else json.dumps(_pool_identity(t))
+    digest = hashlib.sha256(t.read_bytes()).hexdigest() if t.is_file() else json.dumps(file_identity(t))
     return config_hash(render, fpc, sc, {
-        "targets": digest, "pool": _pool_identity(pool), "model": model_id,
+        "targets": digest, "pool": file_identity(pool), "model": model_id,
         "checkpoints": [cfg.checkpoints, *ckpt_names], "chunk": rt.chunk_size, "dtype": rt.dtype,
         "format": format, "target_format": target_format, "skip_invalid": skip_invalid})
 

@@ -26,9 +26,9 @@ import pyarrow as pa
 
 from ..config import to_dict
 from ..data import ReadStats, parse_budget, read_records
-from ..io import RejectWriter, write_json, write_parquet
+from ..io import RejectWriter, file_identity, package_versions, write_json, write_parquet
 from ..selection import rank, select_top
-from ..selector import package_versions, write_coreset
+from ..selector import write_coreset
 from . import bm25, dsir, less, random_sample, rds  # noqa: F401  (register the methods)
 from .base import (
     BASELINES,
@@ -75,24 +75,6 @@ def method_config(method: str, **overrides: Any) -> Any:
     if unknown:
         raise ValueError(f"{method} has no settings {unknown}; it takes {sorted(known)}")
     return cls(**overrides)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = package_versions()
-    for name in ("bm25s", "data-selection", "nltk", "scipy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _identity(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    return {"path": str(p.resolve()), "bytes": size}
 
 
 def selection_table(index: np.ndarray, ids: list[str], result: BaselineScores, budget: str | int | float
@@ -182,8 +164,8 @@ def run_baseline(
         "command": "baseline",
         "method": method,
         "summary": spec.summary,
-        "pool": _identity(pool),
-        "targets": _identity(targets),
+        "pool": file_identity(pool),
+        "targets": file_identity(targets),
         "budget": budget,
         "seed": config.seed,
         "counts": {
@@ -201,7 +183,7 @@ def run_baseline(
         "method_info": result.info,
         "model": result.model,
         "cost": {"wall_seconds": round(wall, 3), "scoring_seconds": round(scoring_s, 3), **cost.to_dict()},
-        "versions": _versions(),
+        "versions": package_versions(("bm25s", "data-selection", "nltk", "scipy")),
     }
     write_json(out_dir / "run.json", report)
     return report

@@ -33,6 +33,7 @@ import numpy as np
 from ..config import RenderConfig, RuntimeConfig, config_hash, to_dict
 from ..data import Record, Renderer, read_records
 from ..io import atomic_path, write_json
+from ..io import file_identity as _identity
 from ..models import resolve_model_path
 from .harness import METRICS, PRIMARY_METRIC, EvalConfig
 from .runner import (
@@ -59,12 +60,6 @@ def available_methods() -> list[str]:
     except ImportError:  # baselines not part of this build
         return list(TRIM_METHODS)
     return [*TRIM_METHODS, *sorted(BASELINES)]
-
-
-def _identity(path: str | Path) -> dict[str, Any]:
-    p = Path(path).resolve()
-    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    return {"path": str(p), "bytes": size}
 
 
 def _selection_models(selection_model: str) -> tuple[str, str]:
