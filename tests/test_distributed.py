@@ -112,6 +112,46 @@ def test_shards_then_merge_equal_single_run_and_merge_names_missing_chunks(
     assert_same_result(out, reference)
 
 
+def test_unseen_token_map_is_built_once_with_the_fingerprints_and_reused_by_every_shard(
+        tmp_path, tiny_dir, pool, reference, monkeypatch):
+    import numpy as np
+
+    import trim_select.scoring as scoring
+    from trim_select.fingerprints import Fingerprints, nearest_rows
+
+    fp = Fingerprints.load(reference / "fingerprints.safetensors")
+    emb = selector(tiny_dir).lm.model.get_input_embeddings().weight
+    assert fp.nearest is not None and len(fp.nearest) == emb.shape[0]  # Stage I saved it beside F
+    np.testing.assert_array_equal(fp.nearest, nearest_rows(fp.token_ids, emb))
+    np.testing.assert_array_equal(fp.nearest[fp.token_ids], np.arange(len(fp)))  # seen ids: their own row
+
+    def recompute(*a, **k):
+        raise AssertionError("a Stage II worker recomputed the unseen-token map")
+
+    monkeypatch.setattr(scoring, "nearest_rows", recompute)
+    out = tmp_path / "sharded"
+    for i in range(2):  # shards score in this process: the patch would catch a recomputation
+        cli("score", "--pool", pool, "--fingerprints", reference / "fingerprints.safetensors", "--budget", "25%",
+            "--out", out, "--model", tiny_dir, *COMMON, "--shard", f"{i}/2")
+    cli("merge", out)
+    assert_same_result(out, reference)
+
+
+def test_fingerprints_without_a_map_get_one_from_the_driver(tmp_path, tiny_dir, pool, reference):
+    from dataclasses import replace
+
+    from trim_select.fingerprints import Fingerprints
+
+    full = Fingerprints.load(reference / "fingerprints.safetensors")
+    old = tmp_path / "old.safetensors"  # as written before the map was saved with the fingerprints
+    replace(full, nearest=None).save(old)
+    out = tmp_path / "out"
+    dist.run(selector(tiny_dir), pool, out, "25%", workers=2, fingerprints=old)
+    np_equal = Fingerprints.load(out / "fingerprints.safetensors").nearest == full.nearest
+    assert bool(np_equal.all())
+    assert_same_result(out, reference)
+
+
 def test_killed_local_worker_is_recovered_by_rerun_without_redoing_finished_chunks(
         tmp_path, tiny_dir, pool, reference, monkeypatch):
     out = tmp_path / "killed"

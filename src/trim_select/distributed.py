@@ -61,6 +61,7 @@ from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig,
 from .data import DataError, ReadStats, Record, read_records
 from .fingerprints import Fingerprints
 from .io import SCORE_COLUMNS, RejectWriter, ScoreWriter, atomic_path, write_json
+from .models import embedding_matrix
 from .selector import TrimSelector, _progress
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,9 @@ def prepare(
         sel.load_fingerprints(fp_path)
     else:
         raise ValueError("give targets or a fingerprints file")
+    if sel.fingerprints.nearest is None:  # a file from an older version: compute the map here, once
+        sel.fingerprints = sel.fingerprints.with_nearest(embedding_matrix(sel.lm.model))
+        fingerprints = None  # save the completed copy for the workers
     if fingerprints is None or Path(fingerprints).resolve() != fp_path.resolve():
         sel.fingerprints.save(fp_path)
     key = sel.scores_key(pool, format=format, skip_invalid=skip_invalid)
@@ -543,7 +547,8 @@ class ChunkScorer:
         if lm.sha256 != spec["model_sha256"]:
             raise RuntimeError(f"the model on this node ({lm.path}) is not the one the driver used "
                                "(weights differ): install the same model on every node")
-        fp = Fingerprints(*(np.array(arrays[k]) for k in ("token_ids", "vectors", "counts")), {})
+        fp = Fingerprints(*(np.array(arrays[k]) for k in ("token_ids", "vectors", "counts")), {},
+                          None if arrays.get("nearest") is None else np.array(arrays["nearest"]))
         kw = {"compile": True} if runtime.compile else {}
         self.scorer = Scorer(lm.model, fp, penalty=scoring.penalty, mean_weight=scoring.mean_weight,
                              max_weight=scoring.max_weight, coverage_weight=scoring.coverage_weight,
@@ -607,7 +612,8 @@ def score_ray(sel: TrimSelector, plan: ShardPlan, out_dir: str | Path, *, worker
         return info
     fmt = detect_pool_format(plan.pool, plan.format)
     fp = sel.fingerprints
-    shared: dict[str, Any] = {"token_ids": fp.token_ids, "vectors": fp.vectors, "counts": fp.counts}
+    shared: dict[str, Any] = {"token_ids": fp.token_ids, "vectors": fp.vectors, "counts": fp.counts,
+                              "nearest": fp.nearest}
     if sel.score_config.idf:
         from .data import Renderer
 

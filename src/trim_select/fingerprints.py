@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from .batching import collate, plan_batches, run_with_backoff
 from .data import TokenSequence, as_sequence
-from .models import base_model
+from .models import base_model, embedding_matrix
 from .saliency import SaliencyRecorder, combine_saliency
 
 NORM_FLOOR = 1e-12
@@ -33,12 +33,18 @@ class NoFingerprintError(ValueError):
 
 @dataclass
 class Fingerprints:
-    """The dictionary F of Eq. 9: sorted ``token_ids`` and matching unit rows ``vectors``."""
+    """The dictionary F of Eq. 9: sorted ``token_ids`` and matching unit rows ``vectors``.
+
+    ``nearest`` (optional) is the unseen-token map of Eq. 11 for the whole vocabulary, computed once
+    with the model that built the fingerprints (:func:`nearest_rows`) and saved with them, so that
+    Stage II workers, shards and Ray actors reuse it instead of recomputing it.
+    """
 
     token_ids: np.ndarray  # int64 [F], strictly increasing
     vectors: np.ndarray  # float32 [F, d], unit rows
     counts: np.ndarray  # int64 [F], occurrences |O_t|
     meta: dict[str, Any] = field(default_factory=dict)
+    nearest: np.ndarray | None = None  # int64 [V]: fingerprint row of every token id (Eq. 11)
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -54,8 +60,11 @@ class Fingerprints:
         from .io import atomic_path
 
         with atomic_path(path) as tmp:
+            tensors = {"token_ids": self.token_ids, "vectors": self.vectors, "counts": self.counts}
+            if self.nearest is not None:
+                tensors["nearest"] = self.nearest
             save_file(
-                {"token_ids": self.token_ids, "vectors": self.vectors, "counts": self.counts},
+                tensors,
                 str(tmp),
                 metadata={"trim_select": json.dumps(self.meta, sort_keys=True)},
             )
@@ -66,8 +75,41 @@ class Fingerprints:
 
         with safe_open(str(path), framework="numpy") as fh:
             meta = json.loads((fh.metadata() or {}).get("trim_select", "{}"))
+            nearest = fh.get_tensor("nearest").astype(np.int64) if "nearest" in fh.keys() else None
             return cls(fh.get_tensor("token_ids").astype(np.int64), fh.get_tensor("vectors").astype(np.float32),
-                       fh.get_tensor("counts").astype(np.int64), meta)
+                       fh.get_tensor("counts").astype(np.int64), meta, nearest)
+
+    def with_nearest(self, embeddings: torch.Tensor) -> Fingerprints:
+        """A copy carrying the unseen-token map (Eq. 11) for ``embeddings`` (the input embedding matrix)."""
+        return replace(self, nearest=nearest_rows(self.token_ids, embeddings))
+
+
+@torch.no_grad()
+def nearest_rows(token_ids: np.ndarray, embeddings: torch.Tensor, *, chunk: int = 8192) -> np.ndarray:
+    """Eq. 11 for the whole vocabulary: the fingerprint row each token id is matched to.
+
+    A fingerprinted id maps to its own row; every other id to the row of the fingerprinted class
+    whose unit input embedding is nearest by cosine (ties to the smallest token id). One chunked
+    ``[chunk, d] @ [d, F]`` matmul on the embeddings' device. Returns int64 ``[V]``.
+    """
+    vocab = int(embeddings.shape[0])
+    ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long)
+    if len(ids) and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ValueError(f"fingerprint token ids exceed the model's vocabulary ({vocab}): wrong model?")
+    row = torch.zeros(vocab, dtype=torch.long)
+    row[ids] = torch.arange(len(ids))
+    if len(ids) == 0:
+        return row.numpy()
+    device = embeddings.device
+    emb = torch.nn.functional.normalize(embeddings.detach().float(), dim=-1)
+    fp_emb = emb[ids.to(device)].T.contiguous()
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[ids] = True
+    unseen_ids = torch.nonzero(~seen).squeeze(1)
+    for start in range(0, len(unseen_ids), chunk):
+        part = unseen_ids[start:start + chunk]
+        row[part] = (emb[part.to(device)] @ fp_emb).argmax(dim=1).cpu()  # first max = smallest id (ids sorted)
+    return row.numpy()
 
 
 @torch.no_grad()
@@ -148,8 +190,9 @@ def build_fingerprints(
         "n_target_tokens": int(ids.numel()),
         "dropped_zero_norm_classes": int((~keep).sum()),
     }
-    return Fingerprints(classes[keep].numpy().astype(np.int64), vectors.numpy(),
-                        counts[keep].numpy().astype(np.int64), meta)
+    fp = Fingerprints(classes[keep].numpy().astype(np.int64), vectors.numpy(),
+                      counts[keep].numpy().astype(np.int64), meta)
+    return fp.with_nearest(embedding_matrix(model))  # the unseen-token map, once, beside F
 
 
 def _pad_id(model: Any) -> int:

@@ -23,7 +23,7 @@ import torch
 
 from .batching import collate, plan_batches, run_with_backoff
 from .data import TokenSequence, as_sequence
-from .fingerprints import Fingerprints, _pad_id
+from .fingerprints import Fingerprints, _pad_id, nearest_rows
 from .models import base_model, embedding_matrix
 
 
@@ -45,21 +45,21 @@ class TokenMatcher:
         self.vectors = torch.as_tensor(fp.vectors, dtype=torch.float32, device=device)
         seen = torch.zeros(vocab, dtype=torch.bool)
         seen[ids] = True
-        row = torch.full((vocab,), -1, dtype=torch.long)
-        row[ids] = torch.arange(len(ids))
-        if penalty is not None and len(ids):
-            emb = torch.nn.functional.normalize(embeddings.detach().float().to(device), dim=-1)
-            fp_emb = emb[ids.to(device)].T.contiguous()
-            unseen_ids = torch.nonzero(~seen).squeeze(1)
-            for start in range(0, len(unseen_ids), chunk):
-                part = unseen_ids[start:start + chunk]
-                sims = emb[part.to(device)] @ fp_emb  # [chunk, F]
-                row[part] = sims.argmax(dim=1).cpu()  # first max = smallest token id (ids sorted)
+        if penalty is None:  # unseen tokens are not scored: no map needed
+            row = torch.zeros(vocab, dtype=torch.long)
+            row[ids] = torch.arange(len(ids))
+        elif fp.nearest is not None:  # computed once, with the fingerprints (Stage I)
+            if len(fp.nearest) != vocab:
+                raise ValueError(f"the fingerprints' unseen-token map covers {len(fp.nearest)} token ids but the "
+                                 f"model's vocabulary has {vocab}: they were built with another model")
+            row = torch.as_tensor(fp.nearest, dtype=torch.long)
+        else:
+            row = torch.as_tensor(nearest_rows(fp.token_ids, embeddings.to(device), chunk=chunk))
         weight = torch.zeros(vocab, dtype=torch.float32)
         weight[seen] = 1.0
         if penalty is not None:
             weight[~seen] = float(penalty)
-        self.row = row.clamp_min(0).to(device)
+        self.row = row.to(device)
         self.weight = weight.to(device)
         self.scored = (seen | (penalty is not None)).to(device) if len(ids) else torch.zeros(
             vocab, dtype=torch.bool, device=device)
