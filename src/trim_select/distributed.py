@@ -201,11 +201,11 @@ def prepare(
         sel.load_fingerprints(fp_path)
     else:
         raise ValueError("give targets or a fingerprints file")
-    if sel.fingerprints.nearest is None:  # a file from an older version: compute the map here, once
+    completed = sel.fingerprints.nearest is None  # a file from an older version: add the map here, once
+    if completed:
         sel.fingerprints = sel.fingerprints.with_nearest(embedding_matrix(sel.lm.model))
-        fingerprints = None  # save the completed copy for the workers
-    if fingerprints is None or Path(fingerprints).resolve() != fp_path.resolve():
-        sel.fingerprints.save(fp_path)
+    if completed or fingerprints is None or Path(fingerprints).resolve() != fp_path.resolve():
+        sel.fingerprints.save(fp_path)  # the workers read it from here
     key = sel.scores_key(pool, format=format, skip_invalid=skip_invalid)
     if chunking == "rows" and skip_invalid:  # rows and records chunks differ: never mix them
         key = config_hash(key, "rows")

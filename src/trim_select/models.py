@@ -184,6 +184,16 @@ def resolve_model_path(spec: str | os.PathLike | None) -> Path:
     return path
 
 
+def adapter_base_spec(adapter: str | os.PathLike) -> str:
+    """The base model a LoRA adapter folder was trained on: ``trim_select_base.json`` written by
+    ``train_lora`` (a spec ``load_model`` resolves), else peft's ``base_model_name_or_path``."""
+    path = Path(adapter)
+    marker = path / "trim_select_base.json"
+    if marker.exists():
+        return json.loads(marker.read_text())["base"]
+    return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+
+
 def load_model(
     spec: str | os.PathLike | None = DEFAULT_MODEL,
     *,
@@ -201,11 +211,7 @@ def load_model(
     if adapter.exists():
         from peft import PeftModel
 
-        cfg = json.loads(adapter.read_text())
-        marker = path / "trim_select_base.json"
-        base_spec = json.loads(marker.read_text())["base"] if marker.exists() else cfg.get(
-            "base_model_name_or_path")
-        base_path = resolve_model_path(base_spec)
+        base_path = resolve_model_path(adapter_base_spec(path))
         base = AutoModelForCausalLM.from_pretrained(
             base_path, dtype=torch.float32, local_files_only=True, trust_remote_code=trust_remote_code
         )

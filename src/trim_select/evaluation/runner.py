@@ -33,6 +33,7 @@ from ..data import Record, read_records
 from ..io import atomic_path, write_json
 from ..models import (
     LoadedModel,
+    adapter_base_spec,
     cpu_supports_bf16,
     load_model,
     resolve_device,
@@ -136,13 +137,7 @@ def load_finetuned(adapter: str | Path, config: EvalConfig) -> LoadedModel:
         return load_model(str(adapter), device=config.device, dtype=config.dtype)
     from peft import PeftModel
 
-    adapter = Path(adapter)
-    marker = adapter / "trim_select_base.json"
-    if marker.exists():
-        base_spec = json.loads(marker.read_text())["base"]
-    else:
-        base_spec = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = load_model(base_spec, device=config.device, dtype=config.dtype)
+    base = load_model(adapter_base_spec(adapter), device=config.device, dtype=config.dtype)
     peft_model = PeftModel.from_pretrained(base.model, str(adapter))
     net = peft_model.base_model.model  # the causal LM with LoRA layers injected in place
     net.eval()
