@@ -183,7 +183,7 @@ def test_less_without_checkpoints_says_it_used_a_fresh_lora_and_sgd(files, tiny_
 
 
 def test_less_and_rds_run_on_real_warmup_checkpoints(files, tiny_dir, tmp_path):
-    from trim_select.warmup import LoraRecipe, train_lora
+    from trim_select.training.lora import LoraRecipe, train_lora
 
     recipe = LoraRecipe(lr=1e-3, epochs=2, batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                         warmup_ratio=0.0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import trim_select.training.lora as lora
 import trim_select.warmup as wu
 from trim_select.cli import app
 from trim_select.testing import CORPUS
@@ -105,7 +106,7 @@ def test_rerun_with_new_targets_or_budget_skips_the_warmup(tiny_dir, data, tmp_p
 def test_run_continues_an_interrupted_warmup(tiny_dir, data, tmp_path, monkeypatch):
     pool, t1, _ = data
     out = tmp_path / "out"
-    recipe = wu.LoraRecipe(lr=1e-2, epochs=2, batch_size=4, lora_r=4, lora_alpha=8)
+    recipe = lora.LoraRecipe(lr=1e-2, epochs=2, batch_size=4, lora_r=4, lora_alpha=8)
 
     class Crash(Exception):
         pass
@@ -117,8 +118,8 @@ def test_run_continues_an_interrupted_warmup(tiny_dir, data, tmp_path, monkeypat
     with pytest.raises(Crash):  # what `run` would have trained, killed after step 4 (checkpoint at 3)
         wu.warmup(pool, out / "warmup", str(tiny_dir), 0.5, 0, recipe, progress=False, on_step=crash)
     saved: list[str] = []
-    real = wu._save_checkpoint
-    monkeypatch.setattr(wu, "_save_checkpoint", lambda dest, *a: (saved.append(dest.name), real(dest, *a)))
+    real = lora.save_checkpoint
+    monkeypatch.setattr(lora, "save_checkpoint", lambda dest, *a: (saved.append(dest.name), real(dest, *a)))
     _invoke("run", "--pool", pool, "--targets", t1, "--budget", "4", "--out", out, "--model", tiny_dir, *WARM)
     assert saved == ["step-000006"]  # resumed from step-000003: only the second epoch was trained
     report = json.loads((out / "run.json").read_text())

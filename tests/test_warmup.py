@@ -12,24 +12,25 @@ import torch
 from safetensors.torch import load_file
 
 from trim_select.data import Message, Record
+from trim_select.pipeline import aggregate_scores
 from trim_select.testing import CORPUS, make_model, make_tokenizer
-from trim_select.warmup import (
+from trim_select.training.checkpoints import (
     Checkpoint,
-    LoraRecipe,
-    aggregate_scores,
     checkpoint_weights,
     choose_checkpoints,
-    draw_subset,
-    epoch_order,
-    label_loss_sum,
     list_checkpoints,
     load_optimizer_state,
+)
+from trim_select.training.lora import (
+    LoraRecipe,
+    epoch_order,
+    label_loss_sum,
     lr_at,
     train_lora,
     training_renderer,
     training_sequence,
-    warmup,
 )
+from trim_select.warmup import draw_subset, warmup
 
 # Tiny-model settings: fast, and strong enough to move the loss (Table 7 values are tested separately).
 FAST = LoraRecipe(lr=3e-2, epochs=8, batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0,

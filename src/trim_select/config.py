@@ -15,6 +15,9 @@ Scope = Literal["all", "prompt", "response"]
 SCOPES: tuple[str, ...] = ("all", "prompt", "response")
 
 
+WARMUP_FRACTION = 0.05  # gamma: share of the pool the warmup trains on (SPEC "Warmup"; Table 7)
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     """How records become token sequences (``data`` module)."""

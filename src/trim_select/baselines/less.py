@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,9 +36,25 @@ import torch
 
 from ..config import RenderConfig
 from ..data import Renderer, TokenSequence
-from ..models import resolve_device, resolve_dtype, resolve_model_path, weights_sha256
+from ..models import (
+    adapter_tokenizer_source,
+    gradient_autocast_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+    weights_sha256,
+)
+from ..training.checkpoints import (
+    Checkpoint,
+    checkpoint_weights,
+    choose_checkpoints,
+    find_checkpoints,
+    load_optimizer_state,
+    optimizer_step,
+)
+from ..training.lora import label_loss_sum, label_mask
 from .base import BaselineInputs, BaselineScores, SelectionCost, register
-from .checkpoints import Checkpoint, checkpoint_weights, choose_checkpoints, find_checkpoints
 from .features import group_means, target_groups, unit
 from .projection import KINDS, Projector
 
@@ -87,24 +102,12 @@ def adam_direction(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
     return (m / (1 - beta1 ** step)) / (torch.sqrt(v / (1 - beta2 ** step)) + eps)
 
 
-def _optimizer_step(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    return int(meta.get("adam_step", meta.get("global_step", 0)))
-
-
 def _moments(ckpt: Checkpoint, names: list[str], params: list[torch.Tensor]
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened ``exp_avg``/``exp_avg_sq`` in parameter order; keys ``exp_avg/<adapter name>``."""
-    from safetensors.torch import load_file
-
-    flat = load_file(str(ckpt.optimizer_path))
     by_kind: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
-    for key, t in flat.items():
-        kind, _, name = key.partition("/")
-        if kind in by_kind:
+    for name, moments in load_optimizer_state(ckpt.path).items():
+        for kind, t in moments.items():
             by_kind[kind][_norm_name(name)] = t
     out = []
     for kind in ("exp_avg", "exp_avg_sq"):
@@ -136,13 +139,11 @@ def _load_lora_model(base_spec: str, ckpt: Checkpoint | None, config: LESSConfig
                      device: torch.device, trust_remote_code: bool) -> tuple[Any, Any, dict[str, Any]]:
     """(peft model in eval mode with trainable LoRA, tokenizer, identity)."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_path = resolve_model_path(base_spec)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, local_files_only=True,
-                                                trust_remote_code=trust_remote_code)
-    tok_src = ckpt.path if ckpt is not None and (ckpt.path / "tokenizer_config.json").exists() else base_path
-    tok = AutoTokenizer.from_pretrained(tok_src, local_files_only=True, trust_remote_code=trust_remote_code)
+    base = load_causal_lm(base_path, trust_remote_code=trust_remote_code)
+    tok_src = adapter_tokenizer_source(ckpt.path, base_path) if ckpt is not None else base_path
+    tok = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
     if ckpt is not None:
         model = PeftModel.from_pretrained(base, str(ckpt.path), is_trainable=True)
         ident = {"base": str(base_path), "adapter": str(ckpt.path), "checkpoint": ckpt.identity()}
@@ -161,15 +162,6 @@ def _load_lora_model(base_spec: str, ckpt: Checkpoint | None, config: LESSConfig
                                                     f"seed={seed}"}
     ident["base_sha256"] = weights_sha256(base_path)
     return model.to(device).eval(), tok, ident
-
-
-def _autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """Weights and gradients stay float32; ``auto`` autocasts to bf16/fp16 on CUDA only (as the
-    warmup does: float32 on CPU), an explicit bf16/fp16 autocasts anywhere."""
-    if dtype == "auto" and device.type != "cuda":
-        return None
-    dt = resolve_dtype(dtype, device)
-    return None if dt == torch.float32 else dt
 
 
 def _trainable(model: Any) -> tuple[list[str], list[torch.Tensor]]:
@@ -193,8 +185,6 @@ def training_sequences(tokenizer: Any, records: list[Any], max_length: int) -> l
 
     An example without assistant tokens (``text`` format) takes its loss on every non-special token.
     """
-    from ..warmup import label_mask
-
     cfg = RenderConfig(scope="response", score_template=False, max_length=max_length)
     renderer = Renderer(tokenizer, cfg)
     out = []
@@ -219,8 +209,6 @@ class GradientFeaturizer:
 
     def gradient(self, seq: TokenSequence) -> torch.Tensor:
         """Flat ``[P]`` gradient of the mean loss over the sequence's label tokens."""
-        from ..warmup import label_loss_sum
-
         ids = torch.as_tensor(seq.input_ids, device=self.device)[None]
         labels = torch.as_tensor(seq.scope_mask, device=self.device)[None]
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
@@ -264,7 +252,7 @@ def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) 
 
     base_cfg, rt = inputs.base, inputs.base.runtime
     device = resolve_device(rt.device)
-    autocast = _autocast_dtype(rt.dtype, device)
+    autocast = gradient_autocast_dtype(rt.dtype, device)
     found = find_checkpoints(base_cfg.model)
     chosen = choose_checkpoints(found, base_cfg.checkpoints)
     weights = checkpoint_weights(chosen) if chosen else np.ones(1)
@@ -296,7 +284,7 @@ def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) 
         transform, grad_type = None, "sgd"
         if ckpt is not None and config.pool_gradient == "adam" and ckpt.optimizer_path.exists():
             m, v = (t.to(device) for t in _moments(ckpt, feat.names, feat.params))
-            step = _optimizer_step(ckpt.optimizer_path) + 1 if config.bias_correction else None
+            step = optimizer_step(ckpt.path) + 1 if config.bias_correction else None
             kw = {"beta1": config.adam_beta1, "beta2": config.adam_beta2, "eps": config.adam_eps,
                   "step": step}
 

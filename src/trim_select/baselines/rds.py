@@ -21,8 +21,8 @@ import torch
 from ..batching import collate, plan_batches, run_with_backoff
 from ..data import Renderer, TokenSequence
 from ..models import LoadedModel, base_model, load_model
+from ..training.checkpoints import checkpoint_weights, choose_checkpoints, find_checkpoints
 from .base import BaselineInputs, BaselineScores, SelectionCost, register
-from .checkpoints import checkpoint_weights, choose_checkpoints, find_checkpoints
 from .features import group_means, target_groups, unit
 
 

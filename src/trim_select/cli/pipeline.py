@@ -40,7 +40,7 @@ from .core import (
 )
 
 if TYPE_CHECKING:
-    from ..warmup import LoraRecipe
+    from ..training.lora import LoraRecipe
 
 # -- warmup recipe options (Table 7 defaults live in LoraRecipe) ---------------------------------
 Fraction = Annotated[float, typer.Option("--fraction", help="gamma: share of the pool to warm up on (5%).")]
@@ -68,7 +68,7 @@ TrainDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPUs tha
 
 def make_recipe(*, lora_targets: str, **fields: Any) -> LoraRecipe:
     """A :class:`~trim_select.warmup.LoraRecipe` from CLI values (bad values -> a usage error)."""
-    from ..warmup import LoraRecipe
+    from ..training.lora import LoraRecipe
 
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     try:
@@ -199,7 +199,7 @@ def run_cmd(
     OUT/runs/<hash>/ the outputs per target set and selection settings, and OUT/coreset.jsonl,
     scores.parquet, run.json are copies of the latest run. Rerun the same command after a crash.
     """
-    from ..warmup import PipelineConfig, run_pipeline
+    from ..pipeline import PipelineConfig, run_pipeline
 
     render, fpc, scoring, runtime = build_configs(
         format=format, scope=scope, max_length=max_length, score_template=score_template, layers=layers,

@@ -55,7 +55,7 @@ def evaluation_recipe(device: str = "auto", **overrides: Any) -> Any:
     autocast where the CPU or GPU supports it. The paper's Table 7 recipe (4 epochs, lr 2e-5,
     batch 64, r=128) is a GPU recipe: pass its values as ``overrides``.
     """
-    from ..warmup import LoraRecipe
+    from ..training.lora import LoraRecipe
 
     fields = dict(CPU_RECIPE)
     dev = resolve_device(device)
@@ -197,7 +197,7 @@ def train_and_evaluate(
     hash and the seed, so the same coreset is trained once whatever asks for it. Returns
     ``{task name: result}`` (cached in ``OUT/<task>/seed-<seed>.json``).
     """
-    from ..warmup import train_lora
+    from ..training.lora import train_lora
 
     out = Path(out_dir)
     config = config if config is not None else EvalConfig()

@@ -1,0 +1,194 @@
+"""``trim-select run``: warmup -> Stage I -> Stage II -> selection (paper Algorithm 3), every stage
+cached on disk, optionally aggregating scores over several warmup checkpoints weighted by their
+learning rate (LESS-style, Xia et al. 2024; paper Appendix G (ii); ``docs/SPEC.md`` "Warmup")."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import WARMUP_FRACTION, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
+from .distributed import run as run_on_engine
+from .io import atomic_path, file_identity, write_json
+from .models import resolve_model_path
+from .selection import parse_budget
+from .selector import TrimSelector
+from .training.checkpoints import DEFAULT_CHECKPOINTS, checkpoint_weights, choose_checkpoints
+from .training.lora import LoraRecipe
+from .warmup import WarmupResult, warmup
+
+
+def aggregate_scores(tables: Sequence[Any], weights: Sequence[float]) -> Any:
+    """Weighted sum of per-checkpoint score tables (same rows). ``-inf`` stays ``-inf``.
+
+    ``score``, ``mean``, ``max`` and ``coverage`` are combined linearly, so Eq. 15 still holds per row;
+    token counts come from the first table (they do not depend on the checkpoint).
+    """
+    if len(tables) != len(weights) or not tables:
+        raise ValueError("one weight per score table needed")
+    base = tables[0]
+    idx = base.column("index").to_numpy()
+    cols: dict[str, Any] = {name: base.column(name) for name in base.column_names}
+    for col in ("score", "mean", "max", "coverage"):
+        acc = np.zeros(base.num_rows, dtype=np.float64)
+        ninf = np.zeros(base.num_rows, dtype=bool)
+        for t, w in zip(tables, weights, strict=True):
+            if not np.array_equal(t.column("index").to_numpy(), idx):
+                raise ValueError("score tables of different checkpoints cover different rows")
+            v = t.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+            ninf |= np.isneginf(v)
+            acc += w * np.where(np.isfinite(v), v, 0.0)
+        cols[col] = pa.array(np.where(ninf, -np.inf, acc))
+    return pa.table(cols)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """``trim-select run``: what the warmup and the checkpoint aggregation do."""
+
+    use_warmup: bool = True
+    fraction: float = WARMUP_FRACTION  # gamma (SPEC "Warmup")
+    seed: int = 0  # subset draw and training seed
+    recipe: LoraRecipe = field(default_factory=LoraRecipe)
+    checkpoints: str = DEFAULT_CHECKPOINTS  # last | all | step-a,step-b (Table 8: last)
+
+
+def _run_key(pool: str | Path, targets: str | Path, model_id: str, cfg: PipelineConfig, render: RenderConfig,
+             fpc: FingerprintConfig, sc: ScoreConfig, rt: RuntimeConfig, ckpt_names: list[str],
+             format: str | None, target_format: str | None, skip_invalid: bool) -> str:
+    """Identity of one selection run: target *content*, pool, scoring model and settings (not the budget)."""
+    t = Path(targets)
+    digest = hashlib.sha256(t.read_bytes()).hexdigest() if t.is_file() else json.dumps(file_identity(t))
+    return config_hash(render, fpc, sc, {
+        "targets": digest, "pool": file_identity(pool), "model": model_id,
+        "checkpoints": [cfg.checkpoints, *ckpt_names], "chunk": rt.chunk_size, "dtype": rt.dtype,
+        "format": format, "target_format": target_format, "skip_invalid": skip_invalid})
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def run_pipeline(
+    pool: str | Path,
+    targets: str | Path,
+    out_dir: str | Path,
+    budget: str | int | float,
+    *,
+    model: str = "default",
+    pipeline: PipelineConfig | None = None,
+    render: RenderConfig | None = None,
+    fingerprint: FingerprintConfig | None = None,
+    scoring: ScoreConfig | None = None,
+    runtime: RuntimeConfig | None = None,
+    format: str | None = None,
+    target_format: str | None = None,
+    skip_invalid: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    engine: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Algorithm 3 of the paper with every stage cached in ``out_dir``::
+
+        OUT/warmup/                 train_lora/warmup output (skipped when complete, same settings)
+        OUT/runs/<key>/             one folder per target set + selection settings (budget excluded):
+                                    fingerprints, parts/, scores.parquet, coreset.jsonl, run.json;
+                                    with several checkpoints, ckpt/step-NNNNNN/ holds each one's scores
+        OUT/run.json, coreset.jsonl, scores.parquet   copies of the latest run's outputs
+
+    A rerun with new targets or budget reuses the warmup (and, same targets, the scores); a crashed
+    run resumes (warmup from its last checkpoint, Stage II from its finished chunks). Stage II runs
+    on ``engine`` (:func:`trim_select.distributed.run`: ``local`` with ``workers``, or ``ray`` at
+    ``ray_address``); the engine does not change the scores, so it is not part of the run key.
+    """
+    pipeline = pipeline or PipelineConfig()
+    render, fingerprint = render or RenderConfig(), fingerprint or FingerprintConfig()
+    scoring, runtime = scoring or ScoreConfig(), runtime or RuntimeConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parse_budget(budget, 10**15)  # fail fast on a malformed budget, before any training
+    t0 = time.perf_counter()
+    warm: WarmupResult | None = None
+    if pipeline.use_warmup:
+        recipe = replace(pipeline.recipe, device=pipeline.recipe.device if pipeline.recipe.device != "auto"
+                         else runtime.device)
+        warm = warmup(pool, out / "warmup", model, pipeline.fraction, pipeline.seed, recipe, format=format,
+                      skip_invalid=skip_invalid, progress=progress, overwrite=overwrite,
+                      trust_remote_code=runtime.trust_remote_code)
+        ckpts = choose_checkpoints(out / "warmup", pipeline.checkpoints)
+        weights = checkpoint_weights(ckpts) if len(ckpts) > 1 else np.ones(1)
+        last_only = pipeline.checkpoints == "last"
+        models = [str(out / "warmup" / "final")] if last_only else [str(c.path) for c in ckpts]
+        model_id = json.loads((out / "warmup" / "warmup.json").read_text())["key"]
+        ckpt_names = [c.name for c in ckpts]
+    else:
+        if pipeline.checkpoints != "last":
+            raise ValueError("--checkpoints needs a warmup (drop --no-warmup)")
+        ckpts, weights, models = [], np.zeros(0), [model]
+        model_id = str(resolve_model_path(model).resolve())
+        ckpt_names = []
+    t_warm = time.perf_counter() - t0
+    key = _run_key(pool, targets, model_id, pipeline, render, fingerprint, scoring, runtime, ckpt_names,
+                   format, target_format, skip_invalid)
+    run_dir = out / "runs" / key
+    run_dir.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {
+        "command": "run",
+        "run_dir": str(run_dir),
+        "pipeline": {"use_warmup": pipeline.use_warmup, "fraction": pipeline.fraction, "seed": pipeline.seed,
+                     "checkpoints": pipeline.checkpoints, "targets": str(Path(targets).resolve())},
+        "warmup": None if warm is None else {
+            "dir": str(out / "warmup"), "cached": warm.train.cached, "subset_ids": list(warm.subset_ids),
+            "subset_indices": list(warm.subset_indices), "recipe": to_dict(warm.train.recipe),
+            "losses": warm.train.losses, "seconds": round(warm.train.seconds, 3), "tokens": warm.train.tokens,
+            "tokens_per_s": round(warm.train.tokens_per_s, 2), "base": warm.train.base},
+        "checkpoints": [dict(c.to_dict(), weight=float(w)) for c, w in zip(ckpts, weights, strict=True)],
+    }
+
+    def selector(spec: str) -> TrimSelector:
+        return TrimSelector(spec, render=render, fingerprint=fingerprint, scoring=scoring, runtime=runtime,
+                            progress=progress)
+
+    if len(models) == 1:
+        report = run_on_engine(selector(models[0]), pool, run_dir, budget, engine=engine, workers=workers,
+                               ray_address=ray_address, targets=targets, format=format,
+                               target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
+                               extra=extra)
+    else:
+        tables = []
+        for spec, ck in zip(models, ckpts, strict=True):
+            sel = selector(spec)
+            run_on_engine(sel, pool, run_dir / "ckpt" / ck.name, None, engine=engine, workers=workers,
+                          ray_address=ray_address, targets=targets, format=format, target_format=target_format,
+                          skip_invalid=skip_invalid, overwrite=overwrite)
+            tables.append(_read_scores(run_dir / "ckpt" / ck.name))
+        table = aggregate_scores(tables, weights.tolist())
+        fp_src = run_dir / "ckpt" / ckpts[-1].name / "fingerprints.safetensors"
+        _copy_atomic(fp_src, run_dir / "fingerprints.safetensors")
+        report = sel.finalize(pool, run_dir, table, budget, format=format, extra=extra)
+        report["timings_s"]["total"] = round(time.perf_counter() - t0 - t_warm, 3)
+        write_json(run_dir / "run.json", report)
+    report["timings_s"]["warmup_stage"] = round(t_warm, 3)
+    report["timings_s"]["pipeline_total"] = round(time.perf_counter() - t0, 3)
+    write_json(run_dir / "run.json", report)
+    for name in ("coreset.jsonl", "scores.parquet", "fingerprints.safetensors", "run.json"):
+        if (run_dir / name).exists():
+            _copy_atomic(run_dir / name, out / name)
+    return report
+
+
+def _read_scores(d: Path) -> Any:
+    return pq.read_table(d / "scores.parquet")

@@ -1,0 +1,447 @@
+"""LoRA SFT of a causal LM on :class:`~trim_select.data.Record` objects: the trainer the warmup, the
+evaluation harness and the LESS baseline share (``docs/SPEC.md`` "Warmup"; paper Table 7).
+
+Loss on assistant tokens only; float32 weights with autocast (:func:`trim_select.models.resolve_train_dtype`);
+checkpoints in the layout of :mod:`trim_select.training.checkpoints`; resumable.
+
+Determinism: the data order of epoch ``e`` is ``default_rng([seed, e]).permutation(n)``, LoRA init
+and dropout of optimizer step ``s`` draw from torch generators seeded with ``(seed, s)`` inside
+``torch.random.fork_rng`` (the caller's global RNG state is left untouched). A run interrupted and
+resumed from a checkpoint therefore ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..batching import collate, plan_batches
+from ..config import RenderConfig, config_hash, to_dict
+from ..data import Record, Renderer, TokenSequence
+from ..io import write_json
+from ..models import LoadedModel, load_trainable_base, pad_id, resolve_device, resolve_model_path, resolve_train_dtype
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    Checkpoint,
+    list_checkpoints,
+    load_optimizer_state,
+    optimizer_step,
+    save_checkpoint,
+    write_final,
+)
+
+log = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """LoRA SFT hyperparameters; defaults are the paper's Table 7 (shared with LESS).
+
+    ``batch_size`` is the effective batch (examples per optimizer step); each step's examples are
+    split into micro-batches of at most ``micro_batch_tokens`` padded tokens (Table 7: 2 x 2048 per
+    device, accumulated 32 times), and the loss is the mean over all response tokens of the step,
+    so the split never changes the update beyond float rounding.
+    """
+
+    lr: float = 2e-5  # AdamW learning rate (Table 7)
+    schedule: str = "linear"  # linear decay after linear warmup (Table 7); or "constant"
+    warmup_ratio: float = 0.03  # share of optimizer steps with linear warmup (Table 7)
+    epochs: int = 4  # Table 7
+    batch_size: int = 64  # effective batch in examples (Table 7: 2 x 32 accumulation)
+    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (runtime; Table 7: 2 x 2048)
+    # max sequences per micro-batch (runtime). 0 = auto: 1 on CPU -- no padding, so SDPA drops the mask
+    # and takes its flash kernel (SmolLM2 on a 2-core CPU: 4x faster in bf16, 3-5x less memory than
+    # padded micro-batches) -- and only the token budget on GPUs
+    micro_batch_size: int = 0
+    max_length: int = 2048  # Table 7; longer examples keep their end (the response)
+    lora_r: int = 128  # Table 7
+    lora_alpha: int = 512  # Table 7
+    lora_dropout: float = 0.1  # Table 7
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # Table 7
+    weight_decay: float = 0.0  # HF Trainer default (LESS sets none)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # HF Trainer default; 0 disables clipping
+    train_eos: bool = True  # also learn the end-of-turn token after each assistant turn (open-instruct)
+    seed: int = 0  # data order, LoRA init, dropout
+    dtype: str = "auto"  # auto: bf16 autocast on GPUs that support it, float32 on CPU; or float32|bf16
+    device: str = "auto"  # auto: cuda if available, else cpu
+    save_steps: int = 0  # 0: a checkpoint at the end of every epoch; N: every N optimizer steps
+    gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.micro_batch_tokens < 1:
+            raise ValueError("lr, epochs, batch_size and micro_batch_tokens must be positive")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in ("linear", "constant"):
+            raise ValueError(f"schedule must be 'linear' or 'constant', got {self.schedule!r}")
+        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError("lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1) required")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be >= 0, got {self.save_steps}")
+        if isinstance(self.target_modules, list):  # tolerate lists from JSON
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraRecipe:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "target_modules" else v) for k, v in d.items() if k in names})
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that change the trained weights (runtime-only fields left out)."""
+        d = to_dict(self)
+        for k in ("device", "micro_batch_tokens", "micro_batch_size", "gradient_checkpointing"):
+            d.pop(k)
+        return d
+
+
+def lr_at(step: int, total_steps: int, recipe: LoraRecipe) -> float:
+    """Learning rate of optimizer step ``step`` (0-based).
+
+    The HF ``get_linear_schedule_with_warmup`` schedule that LESS and the paper train with:
+    ``W = ceil(warmup_ratio * T)`` warmup steps rising linearly from 0, then linear decay to 0.
+    """
+    warm = math.ceil(total_steps * recipe.warmup_ratio)
+    if step < warm:
+        return recipe.lr * step / max(1, warm)
+    if recipe.schedule == "constant":
+        return recipe.lr
+    return recipe.lr * max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+
+
+def training_renderer(tokenizer: Any, recipe: LoraRecipe) -> Renderer:
+    """Renderer whose ``scope_mask`` is exactly the assistant-content mask."""
+    cfg = RenderConfig(scope="response", score_template=False, max_length=recipe.max_length)
+    return Renderer(tokenizer, cfg)
+
+
+def label_mask(seq: TokenSequence, *, train_eos: bool = True) -> np.ndarray:
+    """Tokens that carry loss: assistant content, plus (``train_eos``) the special token that
+    directly follows each assistant span (the end-of-turn token), so the model learns to stop."""
+    mask = seq.scope_mask & ~seq.special_mask
+    if train_eos and len(mask) > 1:
+        after = np.zeros_like(mask)
+        after[1:] = seq.scope_mask[:-1] & ~seq.scope_mask[1:] & seq.special_mask[1:]
+        mask = mask | after
+    return mask
+
+
+def training_sequence(record: Record, renderer: Renderer, *, train_eos: bool = True) -> TokenSequence:
+    """Render ``record``; the returned sequence's ``scope_mask`` is its label mask."""
+    seq = renderer(record)
+    return TokenSequence(seq.input_ids, label_mask(seq, train_eos=train_eos), seq.special_mask,
+                         seq.n_truncated)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Example order of one epoch; recomputable from ``(seed, epoch)`` alone (resume)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+
+def _adapter_key(param_name: str, adapter: str = "default") -> str:
+    """Parameter name in the model -> name in ``adapter_model.safetensors`` (as peft saves it)."""
+    return param_name.replace(f".{adapter}", "")
+
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train_lora` produced (also in ``OUT/train.json``)."""
+
+    out_dir: Path
+    final: Path  # adapter folder of the last checkpoint (use as --model)
+    checkpoints: tuple[Checkpoint, ...]
+    history: tuple[dict[str, Any], ...]  # per optimizer step: step, epoch, loss, lr, tokens, grad_norm
+    seconds: float  # training time summed over resumed sessions
+    tokens: int
+    label_tokens: int
+    recipe: LoraRecipe
+    base: str
+    n_examples: int
+    cached: bool = False  # True when the run was already complete and nothing was trained
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"final": str(self.final), "base": self.base, "recipe": to_dict(self.recipe),
+                "n_examples": self.n_examples, "steps": len(self.history), "seconds": round(self.seconds, 3),
+                "tokens": self.tokens, "label_tokens": self.label_tokens,
+                "tokens_per_s": round(self.tokens_per_s, 2), "losses": self.losses,
+                "checkpoints": [c.to_dict() for c in self.checkpoints], "history": list(self.history)}
+
+    @classmethod
+    def from_dict(cls, out_dir: Path, d: dict[str, Any], *, cached: bool = False) -> TrainResult:
+        return cls(out_dir=out_dir, final=out_dir / "final", checkpoints=tuple(list_checkpoints(out_dir)),
+                   history=tuple(d["history"]), seconds=float(d["seconds"]), tokens=int(d["tokens"]),
+                   label_tokens=int(d["label_tokens"]), recipe=LoraRecipe.from_dict(d["recipe"]),
+                   base=d["base"], n_examples=int(d["n_examples"]), cached=cached)
+
+
+
+def label_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over label positions (``scope_mask`` of the batch).
+
+    Logits are computed only where the next token is a label (``logits_to_keep`` boolean mask), so
+    the vocabulary projection never materialises for prompt tokens.
+    """
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    labels = batch["scope_mask"] & attn
+    keep = torch.zeros_like(labels)
+    keep[:, :-1] = labels[:, 1:]  # position i predicts token i+1
+    targets = ids[:, 1:][labels[:, 1:]]
+    out = model(input_ids=ids, attention_mask=attn.long(), logits_to_keep=keep, use_cache=False)
+    logits = out.logits
+    if logits.ndim == 3:  # a model class without mask support in logits_to_keep
+        logits = logits[keep]
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def _train_key(records: Sequence[Record], recipe: LoraRecipe, base: Path) -> str:
+    h = hashlib.sha256()
+    for r in records:  # the messages, not r.raw: callers may build records in memory
+        h.update(json.dumps([[m.role, m.content] for m in r.messages]).encode())
+    return config_hash(recipe.key_fields(), {"base": str(base), "data": h.hexdigest(), "n": len(records)})
+
+
+
+def _restore(ckpt: Checkpoint, peft_model: Any, optimizer: torch.optim.Optimizer, params: dict[str, Any],
+             device: torch.device) -> dict[str, Any]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt.path / "adapter_model.safetensors"))
+    set_peft_model_state_dict(peft_model, weights)
+    for name, p in params.items():  # exact: compare what was loaded
+        if not torch.equal(p.detach().cpu(), weights[name].to(p.dtype)):
+            raise RuntimeError(f"checkpoint {ckpt.path}: parameter {name} did not load")
+    moments = load_optimizer_state(ckpt.path)
+    adam_step = optimizer_step(ckpt.path)
+    for name, p in params.items():
+        if name in moments:
+            optimizer.state[p] = {"step": torch.tensor(float(adam_step)),
+                                  "exp_avg": moments[name]["exp_avg"].to(device, p.dtype),
+                                  "exp_avg_sq": moments[name]["exp_avg_sq"].to(device, p.dtype)}
+    return dict(ckpt.state)
+
+
+
+@dataclass
+class _Session:
+    """What one training session works on (built by :func:`_setup`)."""
+
+    peft_model: Any
+    optimizer: torch.optim.Optimizer
+    params: dict[str, Any]  # adapter name -> trainable parameter
+    seqs: list[TokenSequence]
+    n_labels: np.ndarray
+    lengths: np.ndarray
+    device: torch.device
+    amp_dtype: torch.dtype
+    pad_id: int
+    base_path: Path
+
+    @property
+    def names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.params.items()}
+
+
+def _training_data(tokenizer: Any, records: Sequence[Record], recipe: LoraRecipe
+                   ) -> tuple[list[TokenSequence], np.ndarray, np.ndarray]:
+    """(sequences with at least one label token, their label counts, their lengths)."""
+    renderer = training_renderer(tokenizer, recipe)
+    seqs = [training_sequence(r, renderer, train_eos=recipe.train_eos) for r in records]
+    n_labels = np.array([int(s.scope_mask[1:].sum()) for s in seqs], dtype=np.int64)  # token 0 has no context
+    keep = np.flatnonzero(n_labels > 0)
+    if keep.size == 0:
+        raise ValueError("no record has an assistant (response) token to train on")
+    if keep.size < len(seqs):
+        log.warning("%d of %d records have no response token and are skipped",
+                    len(seqs) - keep.size, len(seqs))
+    seqs = [seqs[i] for i in keep]
+    return seqs, n_labels[keep], np.array([len(s) for s in seqs], dtype=np.int64)
+
+
+def _setup(model: str | os.PathLike | LoadedModel, records: Sequence[Record], recipe: LoraRecipe,
+           trust_remote_code: bool) -> _Session:
+    """Load the base, render the data, add the seeded LoRA and build AdamW."""
+    from peft import LoraConfig, get_peft_model
+
+    device = resolve_device(recipe.device)
+    amp_dtype = resolve_train_dtype(recipe.dtype, device)
+    net, tokenizer, base_path = load_trainable_base(model, trust_remote_code)
+    seqs, n_labels, lengths = _training_data(tokenizer, records, recipe)
+    net.config.use_cache = False
+    if recipe.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.enable_input_require_grads()
+    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(recipe.seed)  # LoRA A init (B starts at zero)
+        peft_model = get_peft_model(net, lora)
+    peft_model.to(device)
+    params = {_adapter_key(name): p for name, p in peft_model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(params.values()), lr=recipe.lr,
+                                  betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
+                                  weight_decay=recipe.weight_decay)
+    return _Session(peft_model, optimizer, params, seqs, n_labels, lengths, device, amp_dtype,
+                    pad_id(tokenizer), base_path)
+
+
+def _step(s: _Session, recipe: LoraRecipe, step: int, total: int, steps_per_epoch: int) -> dict[str, Any]:
+    """One optimizer step (gradient accumulation over micro-batches); returns its history record."""
+    epoch, k = divmod(step, steps_per_epoch)
+    idx = epoch_order(len(s.seqs), recipe.seed, epoch)[k * recipe.batch_size:(k + 1) * recipe.batch_size]
+    lr = lr_at(step, total, recipe)
+    for g in s.optimizer.param_groups:
+        g["lr"] = lr
+    denom = float(s.n_labels[idx].sum())
+    loss_total, step_tokens = 0.0, 0
+    autocast = torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype != torch.float32)
+    cuda_devices = [s.device.index or 0] if s.device.type == "cuda" else []
+    micro_size = recipe.micro_batch_size or (1 if s.device.type == "cpu" else recipe.batch_size)
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(recipe.seed * 1_000_003 + step)  # dropout of this step only
+        for micro in plan_batches(s.lengths[idx], recipe.micro_batch_tokens, micro_size):
+            batch = collate([s.seqs[idx[j]] for j in micro], s.device, s.pad_id)
+            with autocast:
+                loss = label_loss_sum(s.peft_model, batch) / denom
+            loss.backward()
+            loss_total += float(loss.detach())
+            step_tokens += int(s.lengths[idx[micro]].sum())
+    grads = [p for p in s.params.values() if p.grad is not None]
+    if recipe.max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, recipe.max_grad_norm))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.grad.norm() for g in grads])))
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4), "loss": loss_total,
+            "lr": lr, "tokens": step_tokens, "label_tokens": int(denom), "grad_norm": grad_norm}
+
+
+def _reuse_or_reset(out: Path, key: str, overwrite: bool) -> TrainResult | None:
+    """A finished run with ``key`` in ``out`` (returned), or None; other settings raise or are wiped."""
+    manifest = out / "train_manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("key") != key:
+        if not overwrite:
+            raise RuntimeError(f"{out} holds a training run with different settings (data, recipe or base "
+                               "model); rerun with --overwrite to discard it or choose another --out")
+        for p in ("checkpoints", "final", "train.json", "warmup.json"):
+            target = out / p
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    done_file = out / "train.json"
+    if done_file.exists() and (out / "final").is_dir():
+        done = json.loads(done_file.read_text())
+        if done.get("key") == key:
+            return TrainResult.from_dict(out, done, cached=True)
+    return None
+
+
+def train_lora(
+    model: str | os.PathLike | LoadedModel,
+    records: Sequence[Record],
+    out_dir: str | Path,
+    recipe: LoraRecipe = LoraRecipe(),
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    desc: str = "LoRA warmup",
+) -> TrainResult:
+    """LoRA SFT of ``model`` on ``records`` (loss on assistant tokens only); resumable.
+
+    ``model``: a spec accepted by ``--model`` (``default``, HF folder, ``.gguf``) or a
+    :class:`~trim_select.models.LoadedModel` (copied, never modified). Training runs in float32
+    weights with autocast to ``recipe.dtype``. A rerun with the same records and recipe continues
+    from the last checkpoint in ``out_dir`` (or returns at once when ``train.json`` says it is done);
+    other settings in the same folder are refused unless ``overwrite``. ``on_step(step, record)`` is
+    called after every optimizer step (progress hooks, tests); ``desc`` labels the progress bar.
+    """
+    out = Path(out_dir)
+    if not records:
+        raise ValueError("train_lora needs at least one record")
+    base_path = (Path(model.path) if isinstance(model, LoadedModel) else resolve_model_path(model)).resolve()
+    key = _train_key(records, recipe, base_path)
+    cached = _reuse_or_reset(out, key, overwrite)
+    if cached is not None:
+        return cached
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train_manifest.json",
+               {"key": key, "recipe": to_dict(recipe), "base": str(base_path), "n": len(records)})
+    s = _setup(model, records, recipe, trust_remote_code)
+    steps_per_epoch = math.ceil(len(s.seqs) / recipe.batch_size)
+    total = steps_per_epoch * recipe.epochs
+    history: list[dict[str, Any]] = []
+    start, tokens, seconds = 0, 0, 0.0
+    ckpts = list_checkpoints(out)
+    if ckpts:
+        state = _restore(ckpts[-1], s.peft_model, s.optimizer, s.params, s.device)
+        start, tokens, seconds = int(state["step"]), int(state["tokens"]), float(state["seconds"])
+        history = list(state["history"])
+        log.info("resuming %s from %s (step %d of %d)", out, ckpts[-1].name, start, total)
+    s.peft_model.train()
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    last_ckpt_step, t_session, seconds_at_start = start, time.perf_counter(), seconds
+    for step in range(start, total):
+        rec = _step(s, recipe, step, total, steps_per_epoch)
+        tokens += rec["tokens"]
+        seconds = seconds_at_start + time.perf_counter() - t_session
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                        tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+        bar.update(1)
+        due = step + 1 == total or (step + 1) % (recipe.save_steps or steps_per_epoch) == 0
+        if due:
+            seg = history[last_ckpt_step:]
+            state = {"step": step + 1, "epoch": rec["epoch"],
+                     "learning_rate": float(np.mean([h["lr"] for h in seg])),
+                     "last_learning_rate": rec["lr"], "loss": float(np.mean([h["loss"] for h in seg])),
+                     "tokens": tokens, "seconds": round(seconds, 3), "total_steps": total, "key": key,
+                     "history": history}
+            dest = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step + 1:06d}"
+            save_checkpoint(dest, s.peft_model, s.optimizer, s.names, s.base_path, state)
+            last_ckpt_step = step + 1
+        if on_step is not None:
+            on_step(step + 1, rec)
+    bar.close()
+    final = write_final(out, list_checkpoints(out)[-1])
+    result = TrainResult(out_dir=out, final=final, checkpoints=tuple(list_checkpoints(out)),
+                         history=tuple(history), seconds=seconds, tokens=tokens,
+                         label_tokens=int(sum(h["label_tokens"] for h in history)), recipe=recipe,
+                         base=str(s.base_path), n_examples=len(s.seqs))
+    write_json(out / "train.json", {"key": key, **result.to_dict(), "device": str(s.device),
+                                    "autocast_dtype": str(s.amp_dtype).replace("torch.", "")})
+    return result
