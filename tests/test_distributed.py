@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from trim_select import distributed as dist
 from trim_select.cli import app
 from trim_select.config import RenderConfig, RuntimeConfig
 from trim_select.data import read_records
+from trim_select.engines import dispatch as dist
 from trim_select.selector import TrimSelector
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -70,7 +70,7 @@ def part_stamps(out: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_importing_trim_select_does_not_import_ray():
-    code = "import sys, trim_select, trim_select.distributed, trim_select.cli; print('ray' in sys.modules)"
+    code = "import sys, trim_select, trim_select.engines.dispatch, trim_select.cli; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
 

@@ -1,6 +1,6 @@
 """trim-select: TRIM targeted instruction-data selection (arXiv 2510.07118).
 
-Low-level API (SPEC.md)::
+Low-level API (docs/SPEC.md)::
 
     from trim_select import build_fingerprints, score
     fp = build_fingerprints(model, targets, layers=6, row_weight=0.5, col_weight=0.5)   # Stage I

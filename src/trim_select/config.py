@@ -1,7 +1,7 @@
 """Configuration objects: frozen dataclasses, one per stage, serialisable to JSON.
 
 The CLI only parses arguments into these; the library functions take them (or their fields).
-Defaults are the paper's (SPEC.md) unless a field's comment says otherwise.
+Defaults are the paper's (docs/SPEC.md) unless a field's comment says otherwise.
 """
 
 from __future__ import annotations

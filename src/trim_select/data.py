@@ -2,7 +2,7 @@
 
 Data flows one way: a pool or target *file* is read into :class:`Record` objects (one per row,
 validated, with the original bytes kept for verbatim copy-through), each record is rendered with
-the model's chat template into ``input_ids`` plus the masks SPEC.md defines:
+the model's chat template into ``input_ids`` plus the masks docs/SPEC.md defines:
 
 - ``special_mask``: token id is one of ``tokenizer.all_special_ids``;
 - ``scope_mask``: token lies in the chosen scope (``all``, ``prompt`` = user turns,
@@ -495,3 +495,21 @@ def parse_budget(budget: str | int | float, n: int) -> int:
     if k > n:
         raise ValueError(f"budget {budget!r} = {k} examples is larger than the pool ({n} examples)")
     return k
+
+
+def parse_raw_row(path: str | Path, index: int, line: int, raw: bytes, fmt: str) -> Record:
+    """One raw JSON Lines row (as :func:`read_records` numbers it) validated as :func:`read_records`
+    does; raises :class:`DataError` naming file, line and field (used by engines reading by chunk)."""
+    try:
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise _FieldError("<line>", f"not valid UTF-8 at byte {exc.start}") from None
+        except json.JSONDecodeError as exc:
+            raise _FieldError("<line>", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        messages = parse_row(row, fmt)
+    except _FieldError as exc:
+        raise DataError(path, line, None if exc.field.startswith("<") else exc.field, exc.reason) from None
+    rid = row.get("id")
+    return Record(index=index, line=line, id=str(index) if rid is None else str(rid), messages=messages,
+                  raw=raw, fields=row)

@@ -21,7 +21,7 @@ import torch
 
 from .batching import collate, plan_batches, run_with_backoff
 from .data import TokenSequence, as_sequence
-from .models import base_model, embedding_matrix
+from .models import base_model, embedding_matrix, model_pad_id
 from .saliency import SaliencyRecorder, combine_saliency
 
 NORM_FLOOR = 1e-12
@@ -153,7 +153,7 @@ def build_fingerprints(
     if not seqs:
         raise NoFingerprintError("the target set is empty")
     device = next(model.parameters()).device
-    pad = pad_id if pad_id is not None else _pad_id(model)
+    pad = pad_id if pad_id is not None else model_pad_id(model)
     n_layers = min(layers, int(model.config.num_hidden_layers))
     ids_all, w_all, h_all = [], [], []
 
@@ -193,13 +193,3 @@ def build_fingerprints(
     fp = Fingerprints(classes[keep].numpy().astype(np.int64), vectors.numpy(),
                       counts[keep].numpy().astype(np.int64), meta)
     return fp.with_nearest(embedding_matrix(model))  # the unseen-token map, once, beside F
-
-
-def _pad_id(model: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        v = getattr(model.config, name, None)
-        if isinstance(v, list):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    return 0

@@ -227,6 +227,17 @@ def pad_id(tokenizer: Any, fallback: int = 0) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
 
 
+def model_pad_id(model: Any) -> int:
+    """The id a model pads batches with: its config's pad token, else its (first) EOS token, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        v = getattr(model.config, name, None)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return 0
+
+
 def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                    trust_remote_code: bool = False) -> Any:
     """A local HF causal LM folder, never from the network."""

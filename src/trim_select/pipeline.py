@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import WARMUP_FRACTION, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
-from .distributed import run as run_on_engine
-from .io import atomic_path, file_identity, write_json
+from .engines.dispatch import execute
+from .io import atomic_path, file_identity
 from .models import resolve_model_path
+from .outputs import RunReport
 from .selection import parse_budget
 from .selector import TrimSelector
 from .training.checkpoints import DEFAULT_CHECKPOINTS, checkpoint_weights, choose_checkpoints
@@ -100,7 +101,7 @@ def run_pipeline(
     engine: str = "local",
     workers: int | None = None,
     ray_address: str | None = None,
-) -> dict[str, Any]:
+) -> RunReport:
     """Algorithm 3 of the paper with every stage cached in ``out_dir``::
 
         OUT/warmup/                 train_lora/warmup output (skipped when complete, same settings)
@@ -111,7 +112,7 @@ def run_pipeline(
 
     A rerun with new targets or budget reuses the warmup (and, same targets, the scores); a crashed
     run resumes (warmup from its last checkpoint, Stage II from its finished chunks). Stage II runs
-    on ``engine`` (:func:`trim_select.distributed.run`: ``local`` with ``workers``, or ``ray`` at
+    on ``engine`` (:func:`trim_select.engines.dispatch.execute`: ``local`` with ``workers``, or ``ray`` at
     ``ray_address``); the engine does not change the scores, so it is not part of the run key.
     """
     pipeline = pipeline or PipelineConfig()
@@ -163,27 +164,25 @@ def run_pipeline(
                             progress=progress)
 
     if len(models) == 1:
-        report = run_on_engine(selector(models[0]), pool, run_dir, budget, engine=engine, workers=workers,
-                               ray_address=ray_address, targets=targets, format=format,
-                               target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
-                               extra=extra)
+        report = execute(selector(models[0]), pool, run_dir, budget, engine=engine, workers=workers,
+                         ray_address=ray_address, targets=targets, format=format, target_format=target_format,
+                         skip_invalid=skip_invalid, overwrite=overwrite, extra=extra)
     else:
         tables = []
         for spec, ck in zip(models, ckpts, strict=True):
             sel = selector(spec)
-            run_on_engine(sel, pool, run_dir / "ckpt" / ck.name, None, engine=engine, workers=workers,
-                          ray_address=ray_address, targets=targets, format=format, target_format=target_format,
-                          skip_invalid=skip_invalid, overwrite=overwrite)
+            execute(sel, pool, run_dir / "ckpt" / ck.name, None, engine=engine, workers=workers,
+                    ray_address=ray_address, targets=targets, format=format, target_format=target_format,
+                    skip_invalid=skip_invalid, overwrite=overwrite).write(run_dir / "ckpt" / ck.name)
             tables.append(_read_scores(run_dir / "ckpt" / ck.name))
         table = aggregate_scores(tables, weights.tolist())
         fp_src = run_dir / "ckpt" / ckpts[-1].name / "fingerprints.safetensors"
         _copy_atomic(fp_src, run_dir / "fingerprints.safetensors")
         report = sel.finalize(pool, run_dir, table, budget, format=format, extra=extra)
-        report["timings_s"]["total"] = round(time.perf_counter() - t0 - t_warm, 3)
-        write_json(run_dir / "run.json", report)
-    report["timings_s"]["warmup_stage"] = round(t_warm, 3)
-    report["timings_s"]["pipeline_total"] = round(time.perf_counter() - t0, 3)
-    write_json(run_dir / "run.json", report)
+        report.timings["total"] = round(time.perf_counter() - t0 - t_warm, 3)
+    report.timings["warmup_stage"] = round(t_warm, 3)
+    report.timings["pipeline_total"] = round(time.perf_counter() - t0, 3)
+    report.write(run_dir)  # once, by this top-level call
     for name in ("coreset.jsonl", "scores.parquet", "fingerprints.safetensors", "run.json"):
         if (run_dir / name).exists():
             _copy_atomic(run_dir / name, out / name)

@@ -787,8 +787,8 @@ def build_token_view(
     from .batching import collate
     from .config import FingerprintConfig, ScoreConfig
     from .data import Renderer, load_records
-    from .fingerprints import Fingerprints, _pad_id, token_saliency
-    from .models import load_model
+    from .fingerprints import Fingerprints, token_saliency
+    from .models import load_model, model_pad_id
     from .scoring import Scorer, pool_scores
 
     view = TokenView(run=run.label)
@@ -825,7 +825,7 @@ def build_token_view(
     renderer = Renderer(lm.tokenizer, rc)
     content_renderer = Renderer(lm.tokenizer, replace(rc, scope="all", score_template=False))
     device = next(lm.model.parameters()).device
-    pad = _pad_id(lm.model)
+    pad = model_pad_id(lm.model)
     tok = lm.tokenizer
 
     # -- targets: alpha (Eq. 7) -------------------------------------------------------------

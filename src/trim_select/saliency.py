@@ -1,4 +1,4 @@
-"""Attention-derived token saliency, Eq. 1-7 of the paper (SPEC.md "Stage I").
+"""Attention-derived token saliency, Eq. 1-7 of the paper (docs/SPEC.md "Stage I").
 
 The math (:func:`row_saliency`, :func:`column_saliency`, :func:`combine_saliency`) works on one
 layer's post-softmax attention ``A`` of shape ``[B, H, T, T]`` and the boolean ``visible`` mask

@@ -23,8 +23,8 @@ import torch
 
 from .batching import collate, plan_batches, run_with_backoff
 from .data import TokenSequence, as_sequence
-from .fingerprints import Fingerprints, _pad_id, nearest_rows
-from .models import base_model, embedding_matrix
+from .fingerprints import Fingerprints, nearest_rows
+from .models import base_model, embedding_matrix, model_pad_id
 
 
 class TokenMatcher:
@@ -159,7 +159,7 @@ class Scorer:
         self.matcher = TokenMatcher(fingerprints, emb, penalty, self.device, idf=idf)
         self.weights = (mean_weight, max_weight, coverage_weight)
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
-        self.pad_id = pad_id if pad_id is not None else _pad_id(model)
+        self.pad_id = pad_id if pad_id is not None else model_pad_id(model)
 
     @torch.no_grad()
     def forward_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

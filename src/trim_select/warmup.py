@@ -93,7 +93,7 @@ def warmup(
     trust_remote_code: bool = False,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> WarmupResult:
-    """Warmup of SPEC.md: LoRA-fine-tune ``model`` on a seeded random ``fraction`` of the pool.
+    """Warmup of docs/SPEC.md: LoRA-fine-tune ``model`` on a seeded random ``fraction`` of the pool.
 
     ``seed`` draws the subset (``numpy.random.default_rng(seed)``); ``recipe.seed`` drives data order,
     LoRA init and dropout (the CLI sets both from ``--seed``). A finished warmup with the same

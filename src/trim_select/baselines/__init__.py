@@ -16,20 +16,6 @@ the selection cost: wall seconds, forward/backward passes, tokens).
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import pyarrow as pa
-
-from ..config import to_dict
-from ..data import ReadStats, parse_budget, read_records
-from ..io import RejectWriter, file_identity, package_versions, write_json, write_parquet
-from ..selection import rank, select_top
-from ..selector import write_coreset
-from . import bm25, dsir, less, random_sample, rds  # noqa: F401  (register the methods)
 from .base import (
     BASELINES,
     BaselineConfig,
@@ -45,6 +31,7 @@ from .dsir import DSIRConfig
 from .less import LESSConfig
 from .random_sample import RandomConfig
 from .rds import RDSConfig
+from .runner import method_config, run_baseline, selection_table
 
 __all__ = [
     "BASELINES",
@@ -62,137 +49,5 @@ __all__ = [
     "record_text",
     "register",
     "run_baseline",
+    "selection_table",
 ]
-
-
-def method_config(method: str, **overrides: Any) -> Any:
-    """The method's config with ``overrides`` (unknown names raise ``ValueError``)."""
-    if method not in BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; expected one of {sorted(BASELINES)}")
-    cls = BASELINES[method].config_cls
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"{method} has no settings {unknown}; it takes {sorted(known)}")
-    return cls(**overrides)
-
-
-def selection_table(index: np.ndarray, ids: list[str], result: BaselineScores, budget: str | int | float
-                    ) -> tuple[pa.Table, np.ndarray]:
-    """``scores.parquet`` columns and the chosen positions (best first), as ``select`` writes them."""
-    scores = np.asarray(result.score, dtype=np.float64)
-    chosen = select_top(scores, budget)
-    order = rank(scores)
-    ranks = np.empty(len(scores), dtype=np.int64)
-    ranks[order] = np.arange(1, len(scores) + 1)
-    finite = np.isfinite(scores)
-    selected = np.zeros(len(scores), dtype=bool)
-    selected[chosen] = True
-    cols: dict[str, Any] = {"index": np.asarray(index, dtype=np.int64), "id": ids, "score": scores}
-    for name, values in result.columns.items():
-        if name in cols or name in ("selected", "rank"):
-            raise ValueError(f"a baseline may not overwrite the column {name!r}")
-        cols[name] = values
-    table = pa.table(cols)
-    table = table.append_column("selected", pa.array(selected))
-    table = table.append_column("rank", pa.array(np.where(finite, ranks, 0), mask=~finite))
-    return table, chosen
-
-
-def run_baseline(
-    method: str,
-    pool: str | Path,
-    targets: str | Path,
-    out_dir: str | Path,
-    budget: str | int | float,
-    *,
-    config: BaselineConfig | None = None,
-    method_settings: Any = None,
-    format: str | None = None,
-    target_format: str | None = None,
-    skip_invalid: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Score the pool with baseline ``method``, select ``budget`` and write the output layout.
-
-    ``config``: shared settings (seed, model, render, runtime); ``method_settings``: the method's
-    config (``BM25Config`` ...). Defaults when None. Returns the ``run.json`` report.
-    """
-    if method not in BASELINES:
-        raise ValueError(f"unknown baseline {method!r}; expected one of {sorted(BASELINES)}")
-    config = config if config is not None else BaselineConfig()
-    spec = BASELINES[method]
-    settings = method_settings if method_settings is not None else spec.config_cls()
-    if not isinstance(settings, spec.config_cls):
-        raise TypeError(f"{method} takes a {spec.config_cls.__name__}, got {type(settings).__name__}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    cost = SelectionCost()
-
-    t0 = time.perf_counter()
-    pool_stats, target_stats = ReadStats(), ReadStats()
-    rejects = RejectWriter(out_dir / "rejected.jsonl")
-    try:
-        records = list(read_records(pool, format, skip_invalid=skip_invalid, stats=pool_stats,
-                                    on_reject=rejects))
-    finally:
-        rejects.close()
-    target_records = list(read_records(targets, target_format, stats=target_stats))
-    if not target_records:
-        raise ValueError(f"{targets}: the target set is empty")
-    cost.timed("read", t0)
-    parse_budget(budget, len(records))  # a bad budget fails before the expensive part
-
-    inputs = BaselineInputs(pool=records, targets=target_records, base=config, out_dir=out_dir,
-                            progress=progress)
-    t0 = time.perf_counter()
-    result = spec.fn(inputs, settings, cost)
-    scoring_s = time.perf_counter() - t0
-    if len(result.score) != len(records):
-        raise RuntimeError(f"{method} returned {len(result.score)} scores for {len(records)} pool records")
-
-    t0 = time.perf_counter()
-    index = np.array([r.index for r in records], dtype=np.int64)
-    table, chosen = selection_table(index, [r.id for r in records], result, budget)
-    write_coreset(pool, index[chosen].tolist(), out_dir / "coreset.jsonl", format=format)
-    write_parquet(out_dir / "scores.parquet", table)
-    cost.timed("selection", t0)
-    wall = time.perf_counter() - t_start
-    scores = np.asarray(result.score, dtype=np.float64)
-    report: dict[str, Any] = {
-        "command": "baseline",
-        "method": method,
-        "summary": spec.summary,
-        "pool": file_identity(pool),
-        "targets": file_identity(targets),
-        "budget": budget,
-        "seed": config.seed,
-        "counts": {
-            "pool_rows": pool_stats.rows,
-            "scored": int(len(scores)),
-            "rejected": pool_stats.rejected,
-            "blank_lines": pool_stats.blank_lines,
-            "duplicate_ids": pool_stats.duplicate_ids,
-            "targets": len(target_records),
-            "minus_inf": int(np.isneginf(scores).sum()),
-            "selected": int(len(chosen)),
-        },
-        "read_stats": {"pool": pool_stats.to_dict(), "targets": target_stats.to_dict()},
-        "config": {"method": to_dict(settings), "baseline": _baseline_config(config, spec)},
-        "method_info": result.info,
-        "model": result.model,
-        "cost": {"wall_seconds": round(wall, 3), "scoring_seconds": round(scoring_s, 3), **cost.to_dict()},
-        "versions": package_versions(("bm25s", "data-selection", "nltk", "scipy")),
-    }
-    write_json(out_dir / "run.json", report)
-    return report
-
-
-def _baseline_config(config: BaselineConfig, spec: BaselineMethod) -> dict[str, Any]:
-    """Shared settings that mattered (model, render and runtime only for model-based methods)."""
-    out: dict[str, Any] = {"seed": config.seed}
-    if spec.uses_model:
-        out |= {"model": config.model, "checkpoints": config.checkpoints, "render": to_dict(config.render),
-                "runtime": to_dict(config.runtime)}
-    return out

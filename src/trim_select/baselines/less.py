@@ -53,7 +53,7 @@ from ..training.checkpoints import (
     load_optimizer_state,
     optimizer_step,
 )
-from ..training.lora import label_loss_sum, label_mask
+from ..training.labels import label_loss_sum, label_mask
 from .base import BaselineInputs, BaselineScores, SelectionCost, register
 from .features import group_means, target_groups, unit
 from .projection import KINDS, Projector

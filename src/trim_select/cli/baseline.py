@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import console, friendly_errors
+from .common import BASELINE, LESS, RENDER, RUNTIME, console, friendly_errors
 from .core import BatchTok, Budget, Device, Format, MaxLen, Model, Pool, Quiet, Skip, Targets, Trust
 
 Method = Annotated[str, typer.Option("--method", help="random|bm25|dsir|rds|less.")]
@@ -38,7 +38,7 @@ def baseline_cmd(
     seed: Seed = 0,
     format: Format = None,
     target_format: Annotated[str | None, typer.Option("--target-format")] = None,
-    checkpoints: Checkpoints = "all",
+    checkpoints: Checkpoints = BASELINE.checkpoints,
     group_field: GroupField = None,
     bm25_k1: Annotated[float, typer.Option("--bm25-k1", help="bm25: term-frequency saturation.")] = 1.5,
     bm25_b: Annotated[float, typer.Option("--bm25-b", help="bm25: length normalisation.")] = 0.75,
@@ -58,21 +58,21 @@ def baseline_cmd(
     projection: Annotated[str, typer.Option(
         "--projection", help="less: auto|rademacher|gaussian|sjlt (auto: rademacher on GPU or small "
                              "models, sparse JL on CPU).")] = "auto",
-    lora_r: LoraR = 128,
-    lora_alpha: LoraAlpha = 512,
+    lora_r: LoraR = LESS.lora_r,
+    lora_alpha: LoraAlpha = LESS.lora_alpha,
     adam_bias_correction: Annotated[bool, typer.Option(
         "--adam-bias-correction/--less-adam",
         help="less: AdamW bias correction in the Adam-aware gradient (LESS has none).")] = False,
     pool_gradient: PoolGrad = "adam",
     grad_batch: Annotated[int, typer.Option("--grad-batch",
                                             help="less: examples projected together (memory).")] = 16,
-    max_length: MaxLen = 2048,
-    batch_tokens: BatchTok = 16384,
-    device: Device = "auto",
+    max_length: MaxLen = RENDER.max_length,
+    batch_tokens: BatchTok = RUNTIME.batch_tokens,
+    device: Device = RUNTIME.device,
     dtype: Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (less: autocast; "
                                                        "auto = float32 on CPU).")] = "auto",
     skip_invalid: Skip = False,
-    trust_remote_code: Trust = False,
+    trust_remote_code: Trust = RUNTIME.trust_remote_code,
     quiet: Quiet = False,
 ) -> None:
     """Select with a baseline (random, BM25, DSIR, RDS, LESS): scores.parquet, coreset.jsonl, run.json."""

@@ -7,15 +7,28 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from functools import wraps
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from ..config import SCOPES, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
+from ..baselines import BaselineConfig, LESSConfig
+from ..config import SCOPES, WARMUP_FRACTION, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
+from ..training.lora import LoraRecipe
 
 console = Console(stderr=True)
+
+# The defaults of every option, read once from the config dataclasses (written once there).
+RENDER, FP, SCORE, RUNTIME = RenderConfig(), FingerprintConfig(), ScoreConfig(), RuntimeConfig()
+RECIPE, BASELINE, LESS = LoraRecipe(), BaselineConfig(), LESSConfig()
+PENALTY = "none" if SCORE.penalty is None else str(SCORE.penalty)
+LORA_TARGETS = ",".join(RECIPE.target_modules)
+__all__ = ["BASELINE", "FP", "LESS", "LORA_TARGETS", "PENALTY", "RECIPE", "RENDER", "RUNTIME", "SCORE",
+           "WARMUP_FRACTION", "build_configs", "check_scope", "console", "friendly_errors", "parse_penalty"]
+_FIELDS = {cls: {f.name for f in fields(cls)} for cls in (RenderConfig, FingerprintConfig, ScoreConfig,
+                                                          RuntimeConfig)}
 
 
 def parse_penalty(value: str) -> float | None:
@@ -33,36 +46,19 @@ def check_scope(value: str) -> str:
     return value
 
 
-def build_configs(
-    *,
-    format: str | None,
-    scope: str,
-    max_length: int,
-    score_template: bool,
-    layers: int,
-    row_weight: float,
-    col_weight: float,
-    penalty: str,
-    mean_weight: float,
-    max_weight: float,
-    coverage_weight: float,
-    idf: bool,
-    device: str,
-    dtype: str,
-    batch_tokens: int,
-    chunk_size: int,
-    trust_remote_code: bool,
-) -> tuple[RenderConfig, FingerprintConfig, ScoreConfig, RuntimeConfig]:
+def build_configs(**options: Any) -> tuple[RenderConfig, FingerprintConfig, ScoreConfig, RuntimeConfig]:
+    """The four configs from CLI values: each option fills the dataclass field of its name; a field
+    no option names keeps its dataclass default (so a command passes only the options it has)."""
+    unknown = sorted(set(options) - set().union(*_FIELDS.values()))
+    if unknown:
+        raise TypeError(f"no config field named {unknown}")
+    if "scope" in options:
+        check_scope(options["scope"])
+    if isinstance(options.get("penalty"), str):
+        options["penalty"] = parse_penalty(options["penalty"])
     try:
-        return (
-            RenderConfig(format=format, max_length=max_length, scope=check_scope(scope),
-                         score_template=score_template),
-            FingerprintConfig(layers=layers, row_weight=row_weight, col_weight=col_weight),
-            ScoreConfig(penalty=parse_penalty(penalty), mean_weight=mean_weight, max_weight=max_weight,
-                        coverage_weight=coverage_weight, idf=idf),
-            RuntimeConfig(device=device, dtype=dtype, batch_tokens=batch_tokens, chunk_size=chunk_size,
-                          trust_remote_code=trust_remote_code),
-        )
+        return tuple(cls(**{k: v for k, v in options.items() if k in names})  # type: ignore[return-value]
+                     for cls, names in _FIELDS.items())
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 

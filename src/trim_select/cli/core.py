@@ -7,8 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
+from ..engines import dispatch as dist
+from ..fingerprints import Fingerprints
+from ..selector import TrimSelector
 from . import app
-from .common import build_configs, console, friendly_errors
+from .common import FP, PENALTY, RENDER, RUNTIME, SCORE, build_configs, console, friendly_errors
 
 Pool = Annotated[Path, typer.Option("--pool", help="Pool file (.jsonl/.jsonl.gz/.json/.parquet/datasets folder).")]
 Targets = Annotated[Path, typer.Option("--targets", help="Target examples (5-10 rows of the target task).")]
@@ -54,8 +57,6 @@ Shard = Annotated[str | None, typer.Option(
 
 
 def make_selector(model: str, quiet: bool, **kw: Any):
-    from ..selector import TrimSelector
-
     render, fpc, scoring, runtime = build_configs(**kw)
     return TrimSelector(model, render=render, fingerprint=fpc, scoring=scoring, runtime=runtime,
                         progress=not quiet)
@@ -64,8 +65,6 @@ def make_selector(model: str, quiet: bool, **kw: Any):
 def execute(sel: Any, pool: Path, out: Path, budget: str | None, *, engine: str, workers: int | None,
             ray_address: str | None, shard: str | None, **kw: Any) -> dict[str, Any] | None:
     """Run selection on the chosen engine; with ``--shard`` score one shard and return None."""
-    from .. import distributed as dist
-
     if shard is None:
         return dist.run(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address, **kw)
     if engine != "local" or workers is not None or ray_address is not None:
@@ -103,24 +102,24 @@ def select_cmd(
     model: Model = "default",
     format: Format = None,
     target_format: Annotated[str | None, typer.Option("--target-format")] = None,
-    scope: Scope = "all",
-    score_template: ScoreTemplate = False,
-    layers: Layers = 6,
-    row_weight: RowW = 0.5,
-    col_weight: ColW = 0.5,
-    penalty: Penalty = "1.0",
-    mean_weight: MeanW = 0.5,
-    max_weight: MaxW = 0.5,
-    coverage_weight: CovW = 0.05,
-    idf: Idf = False,
-    max_length: MaxLen = 2048,
-    batch_tokens: BatchTok = 16384,
-    chunk_size: Chunk = 2048,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    scope: Scope = RENDER.scope,
+    score_template: ScoreTemplate = RENDER.score_template,
+    layers: Layers = FP.layers,
+    row_weight: RowW = FP.row_weight,
+    col_weight: ColW = FP.col_weight,
+    penalty: Penalty = PENALTY,
+    mean_weight: MeanW = SCORE.mean_weight,
+    max_weight: MaxW = SCORE.max_weight,
+    coverage_weight: CovW = SCORE.coverage_weight,
+    idf: Idf = SCORE.idf,
+    max_length: MaxLen = RENDER.max_length,
+    batch_tokens: BatchTok = RUNTIME.batch_tokens,
+    chunk_size: Chunk = RUNTIME.chunk_size,
+    device: Device = RUNTIME.device,
+    dtype: Dtype = RUNTIME.dtype,
     skip_invalid: Skip = False,
     overwrite: Overwrite = False,
-    trust_remote_code: Trust = False,
+    trust_remote_code: Trust = RUNTIME.trust_remote_code,
     quiet: Quiet = False,
     engine: Engine = "local",
     workers: Workers = None,
@@ -147,23 +146,22 @@ def fingerprint_cmd(
     out: Annotated[Path, typer.Option("--out", help="Fingerprints file (.safetensors) or folder.")],
     model: Model = "default",
     format: Format = None,
-    scope: Scope = "all",
-    score_template: ScoreTemplate = False,
-    layers: Layers = 6,
-    row_weight: RowW = 0.5,
-    col_weight: ColW = 0.5,
-    max_length: MaxLen = 2048,
-    batch_tokens: BatchTok = 16384,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    trust_remote_code: Trust = False,
+    scope: Scope = RENDER.scope,
+    score_template: ScoreTemplate = RENDER.score_template,
+    layers: Layers = FP.layers,
+    row_weight: RowW = FP.row_weight,
+    col_weight: ColW = FP.col_weight,
+    max_length: MaxLen = RENDER.max_length,
+    batch_tokens: BatchTok = RUNTIME.batch_tokens,
+    device: Device = RUNTIME.device,
+    dtype: Dtype = RUNTIME.dtype,
+    trust_remote_code: Trust = RUNTIME.trust_remote_code,
 ) -> None:
     """Stage I only: build fingerprints from the target set and save them (safetensors)."""
     sel = make_selector(model, True, format=format, scope=scope, max_length=max_length,
                         score_template=score_template, layers=layers, row_weight=row_weight,
-                        col_weight=col_weight, penalty="1.0", mean_weight=0.5, max_weight=0.5,
-                        coverage_weight=0.05, idf=False, device=device, dtype=dtype,
-                        batch_tokens=batch_tokens, chunk_size=1, trust_remote_code=trust_remote_code)
+                        col_weight=col_weight, device=device, dtype=dtype, batch_tokens=batch_tokens,
+                        trust_remote_code=trust_remote_code)
     sel.fit(targets, format=format)
     path = out / "fingerprints.safetensors" if out.suffix != ".safetensors" else out
     sel.fingerprints.save(path)
@@ -181,19 +179,19 @@ def score_cmd(
     budget: Annotated[str | None, typer.Option("--budget", help="Also select a coreset of this size.")] = None,
     model: Model = "default",
     format: Format = None,
-    penalty: Penalty = "1.0",
-    mean_weight: MeanW = 0.5,
-    max_weight: MaxW = 0.5,
-    coverage_weight: CovW = 0.05,
-    idf: Idf = False,
-    max_length: MaxLen = 2048,
-    batch_tokens: BatchTok = 16384,
-    chunk_size: Chunk = 2048,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
+    penalty: Penalty = PENALTY,
+    mean_weight: MeanW = SCORE.mean_weight,
+    max_weight: MaxW = SCORE.max_weight,
+    coverage_weight: CovW = SCORE.coverage_weight,
+    idf: Idf = SCORE.idf,
+    max_length: MaxLen = RENDER.max_length,
+    batch_tokens: BatchTok = RUNTIME.batch_tokens,
+    chunk_size: Chunk = RUNTIME.chunk_size,
+    device: Device = RUNTIME.device,
+    dtype: Dtype = RUNTIME.dtype,
     skip_invalid: Skip = False,
     overwrite: Overwrite = False,
-    trust_remote_code: Trust = False,
+    trust_remote_code: Trust = RUNTIME.trust_remote_code,
     quiet: Quiet = False,
     engine: Engine = "local",
     workers: Workers = None,
@@ -201,12 +199,10 @@ def score_cmd(
     shard: Shard = None,
 ) -> None:
     """Stage II with saved fingerprints (scope and template settings come from the file)."""
-    from ..fingerprints import Fingerprints
-
     meta = Fingerprints.load(fingerprints).meta.get("render", {})
-    sel = make_selector(model, quiet, format=format, scope=meta.get("scope", "all"), max_length=max_length,
-                        score_template=meta.get("score_template", False), layers=6, row_weight=0.5,
-                        col_weight=0.5, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
+    sel = make_selector(model, quiet, format=format, scope=meta.get("scope", RENDER.scope),
+                        max_length=max_length, score_template=meta.get("score_template", RENDER.score_template),
+                        penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
                         coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
                         batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
     report = execute(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address,

@@ -29,7 +29,7 @@ def merge_cmd(
     For shards from `trim-select score|select --shard i/n` (e.g. Slurm array jobs) or a run of
     `--engine local|ray` whose driver was stopped before the end.
     """
-    from ..distributed import ShardPlan, merge
+    from ..engines.base import ShardPlan, merge
 
     if budget is None:
         budget = ShardPlan.load(out).extra.get("budget")

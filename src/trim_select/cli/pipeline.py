@@ -1,4 +1,4 @@
-"""``trim-select warmup | run``: LoRA warmup and the one-command pipeline (SPEC.md "Warmup")."""
+"""``trim-select warmup | run``: LoRA warmup and the one-command pipeline (docs/SPEC.md "Warmup")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from . import app
-from .common import build_configs, console, friendly_errors
+from .common import (
+    FP,
+    LORA_TARGETS,
+    PENALTY,
+    RECIPE,
+    RENDER,
+    RUNTIME,
+    SCORE,
+    WARMUP_FRACTION,
+    build_configs,
+    console,
+    friendly_errors,
+)
 from .core import (
     BatchTok,
     Budget,
@@ -45,15 +57,15 @@ if TYPE_CHECKING:
 # -- warmup recipe options (Table 7 defaults live in LoraRecipe) ---------------------------------
 Fraction = Annotated[float, typer.Option("--fraction", help="gamma: share of the pool to warm up on (5%).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the subset draw, data order, LoRA init, dropout.")]
-Epochs = Annotated[int, typer.Option("--epochs", help="Warmup epochs (Table 7: 4).")]
-Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate (Table 7: 2e-5).")]
-WarmupRatio = Annotated[float, typer.Option("--warmup-ratio", help="Linear LR warmup share (Table 7: 0.03).")]
+Epochs = Annotated[int, typer.Option("--epochs", help="Warmup epochs (Table 7).")]
+Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate (Table 7).")]
+WarmupRatio = Annotated[float, typer.Option("--warmup-ratio", help="Linear LR warmup share (Table 7).")]
 Schedule = Annotated[str, typer.Option("--schedule", help="linear|constant after the LR warmup.")]
-LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (Table 7: 128).")]
-LoraAlpha = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (Table 7: 512).")]
-LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout (Table 7: 0.1).")]
+LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (Table 7).")]
+LoraAlpha = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (Table 7).")]
+LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout (Table 7).")]
 LoraTargets = Annotated[str, typer.Option("--lora-targets", help="Comma list of module names to adapt.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Effective batch in examples (Table 7: 64).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Effective batch in examples (Table 7).")]
 MicroTok = Annotated[int, typer.Option("--micro-batch-tokens",
                                        help="Padded tokens per forward/backward (memory; not the math).")]
 MicroSize = Annotated[int, typer.Option("--micro-batch-size",
@@ -83,29 +95,29 @@ def warmup_cmd(
     pool: Pool,
     out: Out,
     model: Model = "default",
-    fraction: Fraction = 0.05,
+    fraction: Fraction = WARMUP_FRACTION,
     seed: Seed = 0,
     format: Format = None,
-    epochs: Epochs = 4,
-    lr: Lr = 2e-5,
-    warmup_ratio: WarmupRatio = 0.03,
-    schedule: Schedule = "linear",
-    lora_r: LoraR = 128,
-    lora_alpha: LoraAlpha = 512,
-    lora_dropout: LoraDropout = 0.1,
-    lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj",
-    batch_size: BatchSize = 64,
-    micro_batch_tokens: MicroTok = 4096,
-    micro_batch_size: MicroSize = 0,
+    epochs: Epochs = RECIPE.epochs,
+    lr: Lr = RECIPE.lr,
+    warmup_ratio: WarmupRatio = RECIPE.warmup_ratio,
+    schedule: Schedule = RECIPE.schedule,
+    lora_r: LoraR = RECIPE.lora_r,
+    lora_alpha: LoraAlpha = RECIPE.lora_alpha,
+    lora_dropout: LoraDropout = RECIPE.lora_dropout,
+    lora_targets: LoraTargets = LORA_TARGETS,
+    batch_size: BatchSize = RECIPE.batch_size,
+    micro_batch_tokens: MicroTok = RECIPE.micro_batch_tokens,
+    micro_batch_size: MicroSize = RECIPE.micro_batch_size,
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate training sequences.")] = 2048,
-    weight_decay: WeightDecay = 0.0,
-    save_steps: SaveSteps = 0,
-    gradient_checkpointing: GradCkpt = False,
-    dtype: TrainDtype = "auto",
-    device: Device = "auto",
+    weight_decay: WeightDecay = RECIPE.weight_decay,
+    save_steps: SaveSteps = RECIPE.save_steps,
+    gradient_checkpointing: GradCkpt = RECIPE.gradient_checkpointing,
+    dtype: TrainDtype = RECIPE.dtype,
+    device: Device = RUNTIME.device,
     skip_invalid: Skip = False,
     overwrite: Overwrite = False,
-    trust_remote_code: Trust = False,
+    trust_remote_code: Trust = RUNTIME.trust_remote_code,
     quiet: Quiet = False,
 ) -> None:
     """LoRA-fine-tune the model on a seeded random share of the pool (paper Table 7 recipe).
@@ -145,44 +157,44 @@ def run_cmd(
     checkpoints: Annotated[str, typer.Option(
         "--checkpoints", help="Score with: last (paper default), all, or step-a,step-b; several are combined "
                               "weighted by each checkpoint's learning rate (LESS-style).")] = "last",
-    fraction: Fraction = 0.05,
+    fraction: Fraction = WARMUP_FRACTION,
     seed: Seed = 0,
-    epochs: Epochs = 4,
-    lr: Lr = 2e-5,
-    warmup_ratio: WarmupRatio = 0.03,
-    schedule: Schedule = "linear",
-    lora_r: LoraR = 128,
-    lora_alpha: LoraAlpha = 512,
-    lora_dropout: LoraDropout = 0.1,
-    lora_targets: LoraTargets = "q_proj,k_proj,v_proj,o_proj",
-    batch_size: BatchSize = 64,
-    micro_batch_tokens: MicroTok = 4096,
-    micro_batch_size: MicroSize = 0,
+    epochs: Epochs = RECIPE.epochs,
+    lr: Lr = RECIPE.lr,
+    warmup_ratio: WarmupRatio = RECIPE.warmup_ratio,
+    schedule: Schedule = RECIPE.schedule,
+    lora_r: LoraR = RECIPE.lora_r,
+    lora_alpha: LoraAlpha = RECIPE.lora_alpha,
+    lora_dropout: LoraDropout = RECIPE.lora_dropout,
+    lora_targets: LoraTargets = LORA_TARGETS,
+    batch_size: BatchSize = RECIPE.batch_size,
+    micro_batch_tokens: MicroTok = RECIPE.micro_batch_tokens,
+    micro_batch_size: MicroSize = RECIPE.micro_batch_size,
     warmup_max_length: Annotated[int, typer.Option("--warmup-max-length", help="Truncate warmup sequences.")]
     = 2048,
-    weight_decay: WeightDecay = 0.0,
-    save_steps: SaveSteps = 0,
-    gradient_checkpointing: GradCkpt = False,
+    weight_decay: WeightDecay = RECIPE.weight_decay,
+    save_steps: SaveSteps = RECIPE.save_steps,
+    gradient_checkpointing: GradCkpt = RECIPE.gradient_checkpointing,
     warmup_dtype: Annotated[str, typer.Option(
         "--warmup-dtype",
         help="Warmup autocast: auto (bf16 on GPUs that support it, float32 on CPU)|float32|bf16.")]
     = "auto",
     format: Format = None,
     target_format: Annotated[str | None, typer.Option("--target-format")] = None,
-    scope: Scope = "all",
-    score_template: ScoreTemplate = False,
-    layers: Layers = 6,
-    row_weight: RowW = 0.5,
-    col_weight: ColW = 0.5,
-    penalty: Penalty = "1.0",
-    mean_weight: MeanW = 0.5,
-    max_weight: MaxW = 0.5,
-    coverage_weight: CovW = 0.05,
-    idf: Idf = False,
-    max_length: MaxLen = 2048,
-    batch_tokens: BatchTok = 16384,
-    chunk_size: Chunk = 2048,
-    device: Device = "auto",
+    scope: Scope = RENDER.scope,
+    score_template: ScoreTemplate = RENDER.score_template,
+    layers: Layers = FP.layers,
+    row_weight: RowW = FP.row_weight,
+    col_weight: ColW = FP.col_weight,
+    penalty: Penalty = PENALTY,
+    mean_weight: MeanW = SCORE.mean_weight,
+    max_weight: MaxW = SCORE.max_weight,
+    coverage_weight: CovW = SCORE.coverage_weight,
+    idf: Idf = SCORE.idf,
+    max_length: MaxLen = RENDER.max_length,
+    batch_tokens: BatchTok = RUNTIME.batch_tokens,
+    chunk_size: Chunk = RUNTIME.chunk_size,
+    device: Device = RUNTIME.device,
     dtype: Annotated[str, typer.Option("--dtype", help="Scoring dtype: auto|float32|bfloat16|float16.")]
     = "auto",
     engine: Engine = "local",
@@ -190,7 +202,7 @@ def run_cmd(
     ray_address: RayAddress = None,
     skip_invalid: Skip = False,
     overwrite: Overwrite = False,
-    trust_remote_code: Trust = False,
+    trust_remote_code: Trust = RUNTIME.trust_remote_code,
     quiet: Quiet = False,
 ) -> None:
     """Warmup -> Stage I -> Stage II -> selection in one command, each stage cached in OUT.

@@ -31,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import collate, plan_batches
-from ..config import RenderConfig, config_hash, to_dict
-from ..data import Record, Renderer, TokenSequence
+from ..config import config_hash, to_dict
+from ..data import Record, TokenSequence
 from ..io import write_json
 from ..models import LoadedModel, load_trainable_base, pad_id, resolve_device, resolve_model_path, resolve_train_dtype
 from .checkpoints import (
@@ -44,6 +44,7 @@ from .checkpoints import (
     save_checkpoint,
     write_final,
 )
+from .labels import epoch_order, label_loss_sum, training_renderer, training_sequence
 
 log = logging.getLogger(__name__)
 
@@ -132,36 +133,6 @@ def lr_at(step: int, total_steps: int, recipe: LoraRecipe) -> float:
 
 
 
-def training_renderer(tokenizer: Any, recipe: LoraRecipe) -> Renderer:
-    """Renderer whose ``scope_mask`` is exactly the assistant-content mask."""
-    cfg = RenderConfig(scope="response", score_template=False, max_length=recipe.max_length)
-    return Renderer(tokenizer, cfg)
-
-
-def label_mask(seq: TokenSequence, *, train_eos: bool = True) -> np.ndarray:
-    """Tokens that carry loss: assistant content, plus (``train_eos``) the special token that
-    directly follows each assistant span (the end-of-turn token), so the model learns to stop."""
-    mask = seq.scope_mask & ~seq.special_mask
-    if train_eos and len(mask) > 1:
-        after = np.zeros_like(mask)
-        after[1:] = seq.scope_mask[:-1] & ~seq.scope_mask[1:] & seq.special_mask[1:]
-        mask = mask | after
-    return mask
-
-
-def training_sequence(record: Record, renderer: Renderer, *, train_eos: bool = True) -> TokenSequence:
-    """Render ``record``; the returned sequence's ``scope_mask`` is its label mask."""
-    seq = renderer(record)
-    return TokenSequence(seq.input_ids, label_mask(seq, train_eos=train_eos), seq.special_mask,
-                         seq.n_truncated)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """Example order of one epoch; recomputable from ``(seed, epoch)`` alone (resume)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-
 def _adapter_key(param_name: str, adapter: str = "default") -> str:
     """Parameter name in the model -> name in ``adapter_model.safetensors`` (as peft saves it)."""
     return param_name.replace(f".{adapter}", "")
@@ -206,24 +177,6 @@ class TrainResult:
                    label_tokens=int(d["label_tokens"]), recipe=LoraRecipe.from_dict(d["recipe"]),
                    base=d["base"], n_examples=int(d["n_examples"]), cached=cached)
 
-
-
-def label_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over label positions (``scope_mask`` of the batch).
-
-    Logits are computed only where the next token is a label (``logits_to_keep`` boolean mask), so
-    the vocabulary projection never materialises for prompt tokens.
-    """
-    ids, attn = batch["input_ids"], batch["attention_mask"]
-    labels = batch["scope_mask"] & attn
-    keep = torch.zeros_like(labels)
-    keep[:, :-1] = labels[:, 1:]  # position i predicts token i+1
-    targets = ids[:, 1:][labels[:, 1:]]
-    out = model(input_ids=ids, attention_mask=attn.long(), logits_to_keep=keep, use_cache=False)
-    logits = out.logits
-    if logits.ndim == 3:  # a model class without mask support in logits_to_keep
-        logits = logits[keep]
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _train_key(records: Sequence[Record], recipe: LoraRecipe, base: Path) -> str:
@@ -369,6 +322,16 @@ def _reuse_or_reset(out: Path, key: str, overwrite: bool) -> TrainResult | None:
     return None
 
 
+def _checkpoint_state(history: list[dict[str, Any]], since: int, tokens: int, seconds: float, total: int,
+                      key: str) -> dict[str, Any]:
+    """``state.json`` of a checkpoint after ``history[-1]``; lr and loss are means since step ``since``."""
+    seg, rec = history[since:], history[-1]
+    return {"step": rec["step"], "epoch": rec["epoch"], "learning_rate": float(np.mean([h["lr"] for h in seg])),
+            "last_learning_rate": rec["lr"], "loss": float(np.mean([h["loss"] for h in seg])),
+            "tokens": tokens, "seconds": round(seconds, 3), "total_steps": total, "key": key,
+            "history": history}
+
+
 def train_lora(
     model: str | os.PathLike | LoadedModel,
     records: Sequence[Record],
@@ -423,14 +386,8 @@ def train_lora(
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
                         tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
-        due = step + 1 == total or (step + 1) % (recipe.save_steps or steps_per_epoch) == 0
-        if due:
-            seg = history[last_ckpt_step:]
-            state = {"step": step + 1, "epoch": rec["epoch"],
-                     "learning_rate": float(np.mean([h["lr"] for h in seg])),
-                     "last_learning_rate": rec["lr"], "loss": float(np.mean([h["loss"] for h in seg])),
-                     "tokens": tokens, "seconds": round(seconds, 3), "total_steps": total, "key": key,
-                     "history": history}
+        if step + 1 == total or (step + 1) % (recipe.save_steps or steps_per_epoch) == 0:
+            state = _checkpoint_state(history, last_ckpt_step, tokens, seconds, total, key)
             dest = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step + 1:06d}"
             save_checkpoint(dest, s.peft_model, s.optimizer, s.names, s.base_path, state)
             last_ckpt_step = step + 1

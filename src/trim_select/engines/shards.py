@@ -1,0 +1,32 @@
+"""Shards: ``trim-select score --shard i/n`` (e.g. Slurm array jobs) scores chunks ``k % n == i``;
+``trim-select merge OUT`` (:func:`.base.merge`) later checks that every chunk is there and writes
+``scores.parquet``, the coreset and ``run.json`` (``docs/SPEC.md`` "Engines")."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from ..selector import TrimSelector
+from .base import missing_chunks, prepare
+
+
+def run_shard(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: tuple[int, int], *,
+              budget: str | int | float | None = None, targets: str | Path | None = None,
+              fingerprints: str | Path | None = None, format: str | None = None,
+              target_format: str | None = None, skip_invalid: bool = False) -> dict[str, Any]:
+    """One ``--shard i/n`` job: score chunks ``k % n == i`` into ``OUT/parts``; merge comes later
+    (``budget`` is recorded in ``shards.json`` as merge's default)."""
+    t0 = time.perf_counter()
+    plan = prepare(sel, pool, out_dir, targets=targets, fingerprints=fingerprints, format=format,
+                   target_format=target_format, skip_invalid=skip_invalid, engine="shards", shards=shard[1],
+                   save=False)
+    plan.extra["budget"] = budget
+    plan.save(out_dir)
+    sel.score_pool(pool, out_dir, format=format, skip_invalid=skip_invalid, shard=shard)
+    n_chunks = math.ceil(int(sel.stats["pool"]["records"]) / sel.runtime.chunk_size)
+    mine = [k for k in range(n_chunks) if k % shard[1] == shard[0]]
+    return {"shard": list(shard), "chunks": len(mine), "missing_overall": missing_chunks(out_dir, n_chunks),
+            "seconds": round(time.perf_counter() - t0, 3)}

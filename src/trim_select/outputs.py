@@ -1,0 +1,116 @@
+"""Outputs: the one owner of what a run leaves on disk (``docs/SPEC.md`` "Outputs").
+
+- :func:`add_selection` builds the ``selected`` / ``rank`` columns (ties to the lower pool index,
+  Eq. 16's top-k) for TRIM and every baseline;
+- :func:`write_coreset` copies the selected pool rows byte-for-byte, best first;
+- :func:`write_selection` writes ``coreset.jsonl`` and ``scores.parquet`` for a score table;
+- :class:`RunReport` is the ``run.json`` report; :func:`select_report` builds it for ``select``,
+  ``score``, ``merge`` and ``run`` (same layout whichever engine scored), and the top-level caller
+  writes it once with :meth:`RunReport.write`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .data import DataError, read_records
+from .io import atomic_path, file_identity, package_versions, write_json, write_parquet
+from .selection import rank, select_top
+
+RUN_FILE = "run.json"
+
+
+class RunReport(dict):
+    """The ``run.json`` report of a run (a plain JSON object; ``timings_s`` holds stage seconds)."""
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.setdefault("timings_s", {})
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``OUT/run.json`` (atomic); called once, by the top-level caller of a run."""
+        path = Path(out_dir) / RUN_FILE
+        write_json(path, dict(self))
+        return path
+
+
+def add_selection(table: pa.Table, budget: str | int | float) -> tuple[pa.Table, np.ndarray]:
+    """Rank (ties to the lower pool index) and take the budget; adds ``selected`` and ``rank``."""
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    chosen = select_top(scores, budget)
+    order = rank(scores)
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    finite = np.isfinite(scores)
+    selected = np.zeros(len(scores), dtype=bool)
+    selected[chosen] = True
+    table = table.append_column("selected", pa.array(selected))
+    table = table.append_column("rank", pa.array(np.where(finite, ranks, 0), mask=~finite))
+    return table, chosen
+
+
+def write_coreset(pool: str | Path, order: list[int], path: str | Path, *, format: str | None = None) -> None:
+    """Copy the selected rows (pool positions ``order``, best first) verbatim into ``path``."""
+    wanted = set(order)
+    raw: dict[int, bytes] = {}
+    for rec in read_records(pool, format, skip_invalid=True):
+        if rec.index in wanted:
+            raw[rec.index] = rec.raw
+    missing = wanted - set(raw)
+    if missing:
+        raise DataError(pool, None, None, f"{len(missing)} selected rows could not be re-read (file changed?)")
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for i in order:
+            fh.write(raw[i] + b"\n")
+
+
+def write_selection(pool: str | Path, out_dir: str | Path, table: pa.Table, budget: Any, *,
+                    format: str | None = None) -> tuple[pa.Table, np.ndarray]:
+    """With a budget: selection columns and ``coreset.jsonl``; always ``scores.parquet``."""
+    out_dir = Path(out_dir)
+    chosen = np.zeros(0, dtype=np.int64)
+    if budget is not None:
+        table, chosen = add_selection(table, budget)
+        order = table.column("index").to_numpy()[chosen].tolist()
+        write_coreset(pool, order, out_dir / "coreset.jsonl", format=format)
+    write_parquet(out_dir / "scores.parquet", table)
+    return table, chosen
+
+
+def select_report(*, pool: str | Path, budget: Any, table: pa.Table, chosen: np.ndarray,
+                  stats: Mapping[str, Any], config: Mapping[str, Any], model: Mapping[str, Any],
+                  fingerprints: Mapping[str, Any], timings: Mapping[str, float],
+                  extra: Mapping[str, Any] | None = None) -> RunReport:
+    """The ``run.json`` of a TRIM selection (select, score + merge, run): one layout for every engine."""
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    pool_stats = stats.get("pool", {})
+    report = RunReport({
+        "command": "select",
+        "pool": file_identity(pool),
+        "budget": budget,
+        "counts": {
+            "pool_rows": pool_stats.get("rows"),
+            "scored": int(len(scores)),
+            "rejected": pool_stats.get("rejected", 0),
+            "blank_lines": pool_stats.get("blank_lines", 0),
+            "duplicate_ids": pool_stats.get("duplicate_ids", 0),
+            "truncated": pool_stats.get("truncated", 0),
+            "minus_inf": int(np.isneginf(scores).sum()),
+            "selected": int(len(chosen)),
+            "pool_tokens": pool_stats.get("tokens"),
+        },
+        "read_stats": dict(stats),
+        "config": dict(config),
+        "model": dict(model),
+        "fingerprints": dict(fingerprints),
+        "versions": package_versions(),
+        "timings_s": dict(timings),
+    })
+    if extra:
+        report.update(extra)
+    return report
