@@ -36,7 +36,12 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
 
 # Files and functions over the limits, with the reason (keep this list short and honest).
 ALLOWED: dict[str, str] = {
-    "reports.py": "1,435 lines: the reports/ package split (issue 12) is not done yet",
+    "reports/html.py": "430 lines: HTML still built by string concatenation (Jinja2 templates pending)",
+    "reports/html.py::render_html": "207 lines: to become a Jinja2 template (pending)",
+    "reports/tokens.py::build_token_view": "172 lines: to shrink with a public scoring.explain (pending)",
+    "reports/figures.py::figure_lengths": "68 lines: one matplotlib figure, panel by panel",
+    "reports/load.py::load_pools": "67 lines: moved verbatim from reports.py",
+    "reports/stats.py::compute_summary": "63 lines: moved verbatim from reports.py",
     "data.py": "owned by issue 13 (readers); not restructured here",
     "evaluation/compare.py::compare": "evaluation internals are being replaced (issue 15)",
     "evaluation/inference.py::shared_prefix_logprobs": "evaluation internals are being replaced (issue 15)",
@@ -48,7 +53,7 @@ ALLOWED: dict[str, str] = {
     "cli/pipeline.py::run_cmd": "typer signature: options not yet built from the dataclasses",
     "cli/report.py::report_cmd": "typer signature: options not yet built from the dataclasses",
     "engines/ray.py::score_ray": "Ray init, DataContext save/restore and the pipeline share one try/finally",
-    "pipeline.py::run_pipeline": "warmup, checkpoint choice and the run folder in one function (to split)",
+    "pipeline.py::run_pipeline": "76 lines, 33 of them its 19-parameter signature and docstring",
     "training/lora.py": "404 lines: recipe (Table 7 comments) and trainer kept in one module as issue 12 asks",
     "training/lora.py::train_lora": "the resumable step loop reads top to bottom against HF Trainer",
 }

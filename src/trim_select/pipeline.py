@@ -24,7 +24,7 @@ from .models import resolve_model_path
 from .outputs import RunReport
 from .selection import parse_budget
 from .selector import TrimSelector
-from .training.checkpoints import DEFAULT_CHECKPOINTS, checkpoint_weights, choose_checkpoints
+from .training.checkpoints import DEFAULT_CHECKPOINTS, Checkpoint, checkpoint_weights, choose_checkpoints
 from .training.lora import LoraRecipe
 from .warmup import WarmupResult, warmup
 
@@ -122,61 +122,31 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     parse_budget(budget, 10**15)  # fail fast on a malformed budget, before any training
     t0 = time.perf_counter()
-    warm: WarmupResult | None = None
-    if pipeline.use_warmup:
-        recipe = replace(pipeline.recipe, device=pipeline.recipe.device if pipeline.recipe.device != "auto"
-                         else runtime.device)
-        warm = warmup(pool, out / "warmup", model, pipeline.fraction, pipeline.seed, recipe, format=format,
-                      skip_invalid=skip_invalid, progress=progress, overwrite=overwrite,
-                      trust_remote_code=runtime.trust_remote_code)
-        ckpts = choose_checkpoints(out / "warmup", pipeline.checkpoints)
-        weights = checkpoint_weights(ckpts) if len(ckpts) > 1 else np.ones(1)
-        last_only = pipeline.checkpoints == "last"
-        models = [str(out / "warmup" / "final")] if last_only else [str(c.path) for c in ckpts]
-        model_id = json.loads((out / "warmup" / "warmup.json").read_text())["key"]
-        ckpt_names = [c.name for c in ckpts]
-    else:
-        if pipeline.checkpoints != "last":
-            raise ValueError("--checkpoints needs a warmup (drop --no-warmup)")
-        ckpts, weights, models = [], np.zeros(0), [model]
-        model_id = str(resolve_model_path(model).resolve())
-        ckpt_names = []
+    stage = _warm_stage(pool, out, model, pipeline, runtime, format, skip_invalid, progress, overwrite)
     t_warm = time.perf_counter() - t0
-    key = _run_key(pool, targets, model_id, pipeline, render, fingerprint, scoring, runtime, ckpt_names,
-                   format, target_format, skip_invalid)
+    key = _run_key(pool, targets, stage.model_id, pipeline, render, fingerprint, scoring, runtime,
+                   [c.name for c in stage.ckpts], format, target_format, skip_invalid)
     run_dir = out / "runs" / key
     run_dir.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {
-        "command": "run",
-        "run_dir": str(run_dir),
-        "pipeline": {"use_warmup": pipeline.use_warmup, "fraction": pipeline.fraction, "seed": pipeline.seed,
-                     "checkpoints": pipeline.checkpoints, "targets": str(Path(targets).resolve())},
-        "warmup": None if warm is None else {
-            "dir": str(out / "warmup"), "cached": warm.train.cached, "subset_ids": list(warm.subset_ids),
-            "subset_indices": list(warm.subset_indices), "recipe": to_dict(warm.train.recipe),
-            "losses": warm.train.losses, "seconds": round(warm.train.seconds, 3), "tokens": warm.train.tokens,
-            "tokens_per_s": round(warm.train.tokens_per_s, 2), "base": warm.train.base},
-        "checkpoints": [dict(c.to_dict(), weight=float(w)) for c, w in zip(ckpts, weights, strict=True)],
-    }
+    extra = _run_extra(run_dir, out, targets, pipeline, stage)
 
     def selector(spec: str) -> TrimSelector:
         return TrimSelector(spec, render=render, fingerprint=fingerprint, scoring=scoring, runtime=runtime,
                             progress=progress)
 
-    if len(models) == 1:
-        report = execute(selector(models[0]), pool, run_dir, budget, engine=engine, workers=workers,
-                         ray_address=ray_address, targets=targets, format=format, target_format=target_format,
-                         skip_invalid=skip_invalid, overwrite=overwrite, extra=extra)
+    kw: dict[str, Any] = {"engine": engine, "workers": workers, "ray_address": ray_address, "targets": targets,
+                          "format": format, "target_format": target_format, "skip_invalid": skip_invalid,
+                          "overwrite": overwrite}
+    if len(stage.models) == 1:
+        report = execute(selector(stage.models[0]), pool, run_dir, budget, extra=extra, **kw)
     else:
         tables = []
-        for spec, ck in zip(models, ckpts, strict=True):
+        for spec, ck in zip(stage.models, stage.ckpts, strict=True):
             sel = selector(spec)
-            execute(sel, pool, run_dir / "ckpt" / ck.name, None, engine=engine, workers=workers,
-                    ray_address=ray_address, targets=targets, format=format, target_format=target_format,
-                    skip_invalid=skip_invalid, overwrite=overwrite).write(run_dir / "ckpt" / ck.name)
-            tables.append(_read_scores(run_dir / "ckpt" / ck.name))
-        table = aggregate_scores(tables, weights.tolist())
-        fp_src = run_dir / "ckpt" / ckpts[-1].name / "fingerprints.safetensors"
+            execute(sel, pool, run_dir / "ckpt" / ck.name, None, **kw).write(run_dir / "ckpt" / ck.name)
+            tables.append(pq.read_table(run_dir / "ckpt" / ck.name / "scores.parquet"))
+        table = aggregate_scores(tables, stage.weights.tolist())
+        fp_src = run_dir / "ckpt" / stage.ckpts[-1].name / "fingerprints.safetensors"
         _copy_atomic(fp_src, run_dir / "fingerprints.safetensors")
         report = sel.finalize(pool, run_dir, table, budget, format=format, extra=extra)
         report.timings["total"] = round(time.perf_counter() - t0 - t_warm, 3)
@@ -189,5 +159,51 @@ def run_pipeline(
     return report
 
 
-def _read_scores(d: Path) -> Any:
-    return pq.read_table(d / "scores.parquet")
+@dataclass(frozen=True)
+class _WarmStage:
+    """What the warmup stage hands to scoring: the models to score with and how to weight them."""
+
+    warm: WarmupResult | None
+    ckpts: list[Checkpoint]
+    weights: np.ndarray
+    models: list[str]
+    model_id: str  # identity of the scoring model(s) in the run key
+
+
+def _warm_stage(pool: str | Path, out: Path, model: str, pipeline: PipelineConfig, runtime: RuntimeConfig,
+                format: str | None, skip_invalid: bool, progress: bool, overwrite: bool) -> _WarmStage:
+    """The warmup (cached when complete) and the checkpoints to score with, or the plain model."""
+    if not pipeline.use_warmup:
+        if pipeline.checkpoints != "last":
+            raise ValueError("--checkpoints needs a warmup (drop --no-warmup)")
+        return _WarmStage(None, [], np.zeros(0), [model], str(resolve_model_path(model).resolve()))
+    recipe = replace(pipeline.recipe, device=pipeline.recipe.device if pipeline.recipe.device != "auto"
+                     else runtime.device)
+    warm = warmup(pool, out / "warmup", model, pipeline.fraction, pipeline.seed, recipe, format=format,
+                  skip_invalid=skip_invalid, progress=progress, overwrite=overwrite,
+                  trust_remote_code=runtime.trust_remote_code)
+    ckpts = choose_checkpoints(out / "warmup", pipeline.checkpoints)
+    weights = checkpoint_weights(ckpts) if len(ckpts) > 1 else np.ones(1)
+    last_only = pipeline.checkpoints == "last"
+    models = [str(out / "warmup" / "final")] if last_only else [str(c.path) for c in ckpts]
+    model_id = json.loads((out / "warmup" / "warmup.json").read_text())["key"]
+    return _WarmStage(warm, ckpts, weights, models, model_id)
+
+
+def _run_extra(run_dir: Path, out: Path, targets: str | Path, pipeline: PipelineConfig,
+               stage: _WarmStage) -> dict[str, Any]:
+    """The ``run.json`` fields ``trim-select run`` adds to the selection report."""
+    warm = stage.warm
+    return {
+        "command": "run",
+        "run_dir": str(run_dir),
+        "pipeline": {"use_warmup": pipeline.use_warmup, "fraction": pipeline.fraction, "seed": pipeline.seed,
+                     "checkpoints": pipeline.checkpoints, "targets": str(Path(targets).resolve())},
+        "warmup": None if warm is None else {
+            "dir": str(out / "warmup"), "cached": warm.train.cached, "subset_ids": list(warm.subset_ids),
+            "subset_indices": list(warm.subset_indices), "recipe": to_dict(warm.train.recipe),
+            "losses": warm.train.losses, "seconds": round(warm.train.seconds, 3), "tokens": warm.train.tokens,
+            "tokens_per_s": round(warm.train.tokens_per_s, 2), "base": warm.train.base},
+        "checkpoints": [dict(c.to_dict(), weight=float(w)) for c, w in zip(stage.ckpts, stage.weights,
+                                                                           strict=True)],
+    }

@@ -248,3 +248,27 @@ def token_idf(sequences: Iterable[Mapping[str, Any] | TokenSequence], vocab: int
         df[ids] += 1
         n += 1
     return (np.log((1.0 + n) / (1.0 + df)) + 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TokenExplanation:
+    """Stage II term by term for one sequence (row 0 of a batch): why it got its score."""
+
+    s: np.ndarray  # s_j of every position (Eq. 10; unseen classes scaled by lambda, Eq. 12)
+    scored: np.ndarray  # bool: the positions in M(c) (in scope, not special, a class with a fingerprint)
+    unseen: np.ndarray  # bool: the token's class has no fingerprint of its own
+    fingerprint_row: np.ndarray  # the fingerprint row each token matched (its class, or the nearest: Eq. 11)
+    score: float  # S(c) recomputed from these terms (Eq. 15)
+
+
+def explain(scorer: Scorer, batch: Mapping[str, torch.Tensor]) -> TokenExplanation:
+    """The per-token terms behind the score of ``batch``'s first sequence (the report's token view)."""
+    m = scorer.matcher
+    hidden = scorer.forward_hidden(batch)
+    s = m.token_scores(hidden, batch["input_ids"])[0].float().cpu().numpy()
+    ids = batch["input_ids"][0]
+    scored = (batch["scope_mask"][0] & ~batch["special_mask"][0] & m.scored[ids]).cpu().numpy()
+    with torch.no_grad():
+        recomputed = pool_scores(m, batch, hidden, *scorer.weights)
+    return TokenExplanation(s=s, scored=scored, unseen=m.unseen[ids].cpu().numpy(),
+                            fingerprint_row=m.row[ids].cpu().numpy(), score=float(recomputed["score"][0]))
