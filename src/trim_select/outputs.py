@@ -26,17 +26,34 @@ RUN_FILE = "run.json"
 
 
 class RunReport(dict):
-    """The ``run.json`` report of a run (a plain JSON object; ``timings_s`` holds stage seconds)."""
+    """The ``run.json`` report of a run (a plain JSON object). Every command's report has the same
+    two cost sections: ``timings_s`` (seconds per stage and ``total``) and ``cost``
+    (``wall_seconds``, ``forward_passes``, ``backward_passes``, ``tokens``), so readers such as
+    ``compare`` need no per-command layout."""
 
     @property
     def timings(self) -> dict[str, float]:
         return self.setdefault("timings_s", {})
 
     def write(self, out_dir: str | Path) -> Path:
-        """Write ``OUT/run.json`` (atomic); called once, by the top-level caller of a run."""
+        """Write ``OUT/run.json`` (atomic); called once, by the top-level caller of a run. A TRIM
+        report gets its ``cost`` here, from the final ``timings_s`` and counts."""
+        if "cost" not in self:
+            self["cost"] = trim_cost(self)
         path = Path(out_dir) / RUN_FILE
         write_json(path, dict(self))
         return path
+
+
+def trim_cost(report: Mapping[str, Any]) -> dict[str, Any]:
+    """TRIM's selection cost: one forward pass per target (Stage I) and per scored pool example
+    (Stage II), no backward pass; tokens of both; wall seconds = ``timings_s["total"]``."""
+    counts = report.get("counts", {})
+    fp = report.get("fingerprints", {})
+    return {"wall_seconds": report.get("timings_s", {}).get("total"),
+            "forward_passes": int(fp.get("n_targets") or 0) + int(counts.get("scored") or 0),
+            "backward_passes": 0,
+            "tokens": int(counts.get("pool_tokens") or 0) + int(fp.get("n_target_tokens") or 0)}
 
 
 def add_selection(table: pa.Table, budget: str | int | float) -> tuple[pa.Table, np.ndarray]:

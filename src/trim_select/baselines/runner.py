@@ -13,8 +13,8 @@ import pyarrow as pa
 
 from ..config import to_dict
 from ..data import ReadStats, read_records
-from ..io import RejectWriter, file_identity, package_versions, write_json, write_parquet
-from ..outputs import add_selection, write_coreset
+from ..io import RejectWriter, file_identity, package_versions, write_parquet
+from ..outputs import RunReport, add_selection, write_coreset
 from ..selection import parse_budget
 from . import bm25, dsir, less, random_sample, rds  # noqa: F401  (register the methods)
 from .base import BASELINES, BaselineConfig, BaselineInputs, BaselineMethod, BaselineScores, SelectionCost
@@ -57,7 +57,7 @@ def run_baseline(
     target_format: str | None = None,
     skip_invalid: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> RunReport:
     """Score the pool with baseline ``method``, select ``budget`` and write the output layout.
 
     ``config``: shared settings (seed, model, render, runtime); ``method_settings``: the method's
@@ -105,7 +105,7 @@ def run_baseline(
     cost.timed("selection", t0)
     wall = time.perf_counter() - t_start
     scores = np.asarray(result.score, dtype=np.float64)
-    report: dict[str, Any] = {
+    report = RunReport({
         "command": "baseline",
         "method": method,
         "summary": spec.summary,
@@ -129,8 +129,9 @@ def run_baseline(
         "model": result.model,
         "cost": {"wall_seconds": round(wall, 3), "scoring_seconds": round(scoring_s, 3), **cost.to_dict()},
         "versions": package_versions(("bm25s", "data-selection", "nltk", "scipy")),
-    }
-    write_json(out_dir / "run.json", report)
+        "timings_s": {**cost.seconds, "scoring": round(scoring_s, 3), "total": round(wall, 3)},
+    })
+    report.write(out_dir)
     return report
 
 

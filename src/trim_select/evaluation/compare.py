@@ -101,17 +101,11 @@ def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_di
 
 
 def selection_cost(report: dict[str, Any]) -> dict[str, Any]:
-    """Seconds and forward/backward passes of a selection, from its run.json (TRIM or baseline)."""
-    if "cost" in report:  # baselines
-        c = report["cost"]
-        return {"seconds": c.get("wall_seconds"), "forward_passes": c.get("forward_passes"),
-                "backward_passes": c.get("backward_passes"), "tokens": c.get("tokens")}
-    counts = report.get("counts", {})
-    fp = report.get("fingerprints", {})
-    n_targets = fp.get("n_targets") or 0
-    return {"seconds": report.get("timings_s", {}).get("total"),
-            "forward_passes": int(n_targets) + int(counts.get("scored") or 0), "backward_passes": 0,
-            "tokens": int(counts.get("pool_tokens") or 0) + int(fp.get("n_target_tokens") or 0)}
+    """Seconds and forward/backward passes of a selection, from the ``cost`` section every run.json
+    has (:class:`trim_select.outputs.RunReport`)."""
+    c = report["cost"]
+    return {"seconds": c.get("wall_seconds"), "forward_passes": c.get("forward_passes"),
+            "backward_passes": c.get("backward_passes"), "tokens": c.get("tokens")}
 
 
 def coreset_profile(records: Sequence[Record], renderer: Renderer) -> dict[str, Any]:
