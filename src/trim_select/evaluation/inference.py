@@ -65,21 +65,20 @@ class ChatEncoder:
         text = (tok.bos_token or "") + turns
         return text + (PLAIN_TEMPLATE_HEADERS["assistant"] if add_generation_prompt else tok.eos_token or "")
 
-    @staticmethod
-    def _last_span(text: str, messages: Sequence[Message]) -> tuple[int, int]:
-        """Character span of the last message's content: contents are found in order, left to right."""
-        cursor, start, end = 0, 0, 0
-        for k, m in enumerate(messages):
-            content = m.content
-            start = text.find(content, cursor)
-            if start < 0:
-                content = content.strip()
-                start = text.find(content, cursor)
-            if start < 0:
-                raise ValueError(f"message {k} ({m.role}) not found verbatim in the rendered template")
-            end = start + len(content)
-            cursor = end
-        return start, end
+    def answer_span(self, prompt: Sequence[Message], answer: str) -> tuple[str, int, int]:
+        """The rendered ``prompt + answer`` and the answer's character span in it.
+
+        The span is located by offsets, never by searching for the answer's text (a short answer
+        such as ``a`` also occurs inside ``<|im_start|>assistant``): the conversation rendered up
+        to the assistant header must be a prefix of the full rendering, and the answer starts
+        right after it.
+        """
+        text = self.text([*prompt, Message("assistant", answer)])
+        head = self.text(prompt, add_generation_prompt=True)
+        if not text.startswith(head) or not text.startswith(answer, len(head)):
+            raise ValueError("the chat template does not render the assistant answer right after the "
+                             "generation prompt; cannot locate the answer's tokens")
+        return text, len(head), len(head) + len(answer)
 
     def encode_prompt(self, prompt: Sequence[Message]) -> np.ndarray:
         """Token ids of ``prompt`` followed by the assistant header (what a generation starts from)."""
@@ -89,9 +88,7 @@ class ChatEncoder:
 
     def encode_answer(self, prompt: Sequence[Message], answer: str) -> Encoded:
         """Token ids of ``prompt`` + assistant ``answer`` and the mask of the answer's tokens."""
-        messages = [*prompt, Message("assistant", answer)]
-        text = self.text(messages)
-        a, b = self._last_span(text, messages)
+        text, a, b = self.answer_span(prompt, answer)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
