@@ -23,8 +23,8 @@ import torch
 from trim_select.batching import collate, plan_batches
 from trim_select.config import RenderConfig
 from trim_select.data import Renderer, load_records
-from trim_select.fingerprints import _pad_id, build_fingerprints
-from trim_select.models import base_model, load_model
+from trim_select.fingerprints import build_fingerprints
+from trim_select.models import base_model, load_model, model_pad_id
 from trim_select.scoring import TokenMatcher, pool_scores, token_idf
 from trim_select.selection import select_top
 
@@ -79,7 +79,7 @@ def main() -> None:
     seqs = [Renderer(lm.tokenizer, base_cfg)(r) for r in pool_recs]
     lengths = np.array([len(s) for s in seqs])
     device = next(lm.model.parameters()).device
-    pad = _pad_id(lm.model)
+    pad = model_pad_id(lm.model)
 
     # -- one forward pass, cache unit hidden states (fp16) --------------------------------------
     t0 = time.perf_counter()

@@ -3,7 +3,17 @@
 (a) our scoring (``trim_select.scoring.Scorer``: base model forward + token matching + pooling),
 (b) the bare base-model forward on the same batches (the floor),
 (c) a plain Hugging Face loop: CausalLM with logits and hidden states, length-sorted padded batches,
-and their ratios; on GPU also the fraction of a measured bf16 matmul peak.
+and their ratios, plus FLOP accounting: model FLOPs per token and the fraction of a float32 (and,
+where supported, bf16) matmul rate measured in the same run (on CUDA the bf16 matmul peak).
+
+Model FLOPs per token (useful work, padding excluded; no LM head: Stage II stops at the last
+hidden state)::
+
+    F = 2 N + 4 L H d_h c,   c = sum_s T_s (T_s + 1) / 2 / sum_s T_s
+
+``N`` = parameters outside the embedding (every weight matrix is one multiply-add per token),
+``L`` layers, ``H`` query heads of width ``d_h``, ``c`` the mean causal context per token at the
+measured lengths ``T_s`` (QK^T and AV are 2 d_h multiply-adds per head per visible key each).
 
     python benchmarks/stage2.py                       # SmolLM2-135M shape, random init, CPU
     python benchmarks/stage2.py --shape llama-1b --n 6000 --device cuda --batch-tokens 65536
@@ -23,7 +33,7 @@ import torch
 from trim_select.batching import collate, plan_batches
 from trim_select.data import TokenSequence
 from trim_select.fingerprints import Fingerprints
-from trim_select.models import resolve_device, resolve_dtype
+from trim_select.models import cpu_supports_bf16, resolve_device, resolve_dtype
 from trim_select.scoring import Scorer
 
 SHAPES = {
@@ -48,6 +58,17 @@ def synthetic_sequences(n: int, vocab: int, mean_len: float, max_len: int, seed:
         ids = rng.integers(3, vocab, n_tok)
         out.append(TokenSequence(ids, np.ones(n_tok, bool), np.zeros(n_tok, bool)))
     return out
+
+
+def flops_per_token(base: torch.nn.Module, lengths: list[int]) -> tuple[float, float, float]:
+    """``(F, 2N, attention term)`` per token, formula in the module docstring."""
+    cfg = base.config
+    n_params = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    t = np.asarray(lengths, dtype=np.float64)
+    context = float((t * (t + 1) / 2).sum() / t.sum())
+    attn = 4.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
+    return 2.0 * n_params + attn, 2.0 * n_params, attn
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
@@ -153,12 +174,19 @@ def main() -> None:
         print(f"| {labels[k]} | {best[k]:.2f} | {tps[k]:,.0f} | {best[k] / best['bare']:.3f}x time | "
               f"{tps[k] / tps['hf']:.2f}x speed |")
     print(f"cost of scoring over bare forward: {best['ours'] / best['bare']:.3f}x (goal <= 1.10x)")
+    f_tok, dense, attn = flops_per_token(base, [len(s) for s in seqs])
+    print(f"model FLOPs per token F = 2N + 4*L*H*d_h*c = {dense / 1e6:,.1f} + {attn / 1e6:,.1f} "
+          f"= {f_tok / 1e6:,.1f} MFLOP at the measured lengths; ours runs at {tps['ours'] * f_tok / 1e9:,.1f} GFLOP/s")
     if device.type == "cuda":
-        peak = matmul_peak(device, dtype)
-        n_params = sum(p.numel() for n, p in base.named_parameters() if "embed" not in n)
-        flops = 2 * n_params * n_tokens  # dense matmuls; attention adds more
-        print(f"measured matmul peak {peak / 1e12:.0f} TFLOP/s; ours reaches "
-              f"{flops / best['ours'] / peak:.0%} of it (dense 2*params*tokens)")
+        peaks = {"bfloat16": matmul_peak(device, torch.bfloat16)}
+    else:
+        peaks = {"float32": matmul_peak(device, torch.float32, n=2048, reps=5)}
+        if cpu_supports_bf16():
+            peaks["bfloat16"] = matmul_peak(device, torch.bfloat16, n=2048, reps=5)
+    for name, peak in peaks.items():
+        print(f"measured {name} matmul ({'8192' if device.type == 'cuda' else '2048'}^2) {peak / 1e9:,.0f} GFLOP/s; "
+              f"ours (dtype {str(dtype).replace('torch.', '')}) reaches {tps['ours'] * f_tok / peak:.0%} of it, "
+              f"the bare forward {tps['bare'] * f_tok / peak:.0%}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,44 @@ def collate(seqs: Sequence[TokenSequence], device: torch.device, pad_id: int = 0
     as_t = lambda a: torch.from_numpy(a).to(device, non_blocking=True)  # noqa: E731
     return {"input_ids": as_t(ids), "attention_mask": as_t(attn), "scope_mask": as_t(scope),
             "special_mask": as_t(special)}
+
+
+# Model families whose attention is plain causal self-attention over positions 0..T-1 (no ALiBi or
+# other mask-derived biases, no prefix-LM / bidirectional parts): for them a right-padded batch
+# needs no padding mask, since causal attention hides every later (padding) key from a real token.
+CAUSAL_FAMILIES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma", "olmo", "olmo2",
+    "granite", "stablelm", "smollm3", "starcoder2", "gpt_neox", "cohere", "nemotron", "helium",
+})
+EXACT_ATTENTION = frozenset({"sdpa", "eager", "flash_attention_2", "flash_attention_3"})
+
+
+def padding_mask_free(config: Any, padding_side: str = "right") -> tuple[bool, str]:
+    """Whether a forward without the padding mask is exact at every real position, and why (not).
+
+    Exact when batches are right-padded, the model family is plain causal full attention
+    (:data:`CAUSAL_FAMILIES`), the attention implementation is sdpa/eager/flash (they build the
+    causal mask themselves when given none), and nothing restricts or widens it: no sliding window,
+    no chunked or bidirectional attention, no non-``full_attention`` layer types. Anything else
+    (left padding, an unknown family or implementation) keeps the mask.
+    """
+    if padding_side != "right":
+        return False, f"{padding_side} padding: padding keys precede real tokens"
+    family = getattr(config, "model_type", None)
+    if family not in CAUSAL_FAMILIES or getattr(config, "is_encoder_decoder", False):
+        return False, f"model type {family!r} is not a known plain causal decoder"
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in EXACT_ATTENTION:
+        return False, f"attention implementation {impl!r}"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return False, f"sliding window {window}"
+    if getattr(config, "attention_chunk_size", None) or not getattr(config, "is_causal", True):
+        return False, "chunked or bidirectional attention"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return False, f"layer types {sorted(kinds)}"
+    return True, "right padding, plain causal full attention"
 
 
 def _is_oom(exc: BaseException) -> bool:

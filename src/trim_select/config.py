@@ -80,10 +80,16 @@ class RuntimeConfig:
     chunk_size: int = 2048  # sequences per scoring chunk (unit of resume and of sorting)
     compile: bool = False  # torch.compile the base model
     trust_remote_code: bool = False
+    # Stage II forward without the padding mask where exact (right padding, plain causal full
+    # attention: batching.padding_mask_free); False always passes the mask. Same hidden states.
+    mask_free: bool = True
+    tokenizer_workers: int = 0  # processes rendering + tokenising the pool; 0: in the calling process
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.max_batch_size < 1 or self.chunk_size < 1:
             raise ValueError("batch_tokens, max_batch_size and chunk_size must be positive")
+        if self.tokenizer_workers < 0:
+            raise ValueError(f"tokenizer_workers must be >= 0, got {self.tokenizer_workers}")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -373,6 +373,7 @@ class Renderer:
         if self.use_chat_template and not has_template:
             raise ValueError("chat_template=True but the tokenizer has no chat template")
         self.special_ids = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        self._skeletons: dict[tuple[str, ...], str] = {}  # placeholder rendering per role sequence
 
     # -- text with content spans ---------------------------------------------------------------
     def _template_text(self, messages: Sequence[Message]) -> str:
@@ -396,7 +397,12 @@ class Renderer:
         if len(messages) == 1 and messages[0].role == "text":
             return text, [(0, len(text), "text")]
         marks = [f"\ue000{k}\ue001" for k in range(len(messages))]
-        skeleton = self._template_text([Message(m.role, mark) for m, mark in zip(messages, marks, strict=True)])
+        roles = tuple(m.role for m in messages)
+        skeleton = self._skeletons.get(roles)
+        if skeleton is None:  # depends on the roles only; a content-dependent template fails the check below
+            skeleton = self._template_text([Message(m.role, mark) for m, mark in zip(messages, marks, strict=True)])
+            if len(self._skeletons) < 4096:
+                self._skeletons[roles] = skeleton
         for strip in (False, True):
             spans, out, pos, length = [], [], 0, 0
             for m, mark in zip(messages, marks, strict=True):
@@ -426,23 +432,33 @@ class Renderer:
         return text, spans
 
     def render(self, messages: Sequence[Message]) -> TokenSequence:
-        cfg = self.config
         text, spans = self._text_and_spans(messages)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return self._sequence(enc["input_ids"], enc["offset_mapping"], spans)
+
+    def render_many(self, conversations: Sequence[Sequence[Message]]) -> list[TokenSequence]:
+        """:meth:`render` of many conversations with one batch call of the (Rust) tokenizer."""
+        if not conversations:
+            return []
+        rendered = [self._text_and_spans(m) for m in conversations]
+        enc = self.tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        return [self._sequence(ids, offs, spans) for ids, offs, (_, spans)
+                in zip(enc["input_ids"], enc["offset_mapping"], rendered, strict=True)]
+
+    def _sequence(self, input_ids: Sequence[int], offset_mapping: Sequence[Any],
+                  spans: list[tuple[int, int, str]]) -> TokenSequence:
+        cfg = self.config
+        ids = np.asarray(input_ids, dtype=np.int64)
+        offsets = np.asarray(offset_mapping, dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
-        content = np.zeros(len(ids), dtype=bool)
         scope = np.zeros(len(ids), dtype=bool)
         for a, b, role in spans:
-            inside = (starts < b) & (ends > a) & (ends > starts)
-            content |= inside
             if (
                 cfg.scope == "all"
                 or (cfg.scope == "prompt" and role == "user")
                 or (cfg.scope == "response" and role in ("assistant", "text"))
             ):
-                scope |= inside
+                scope |= (starts < b) & (ends > a) & (ends > starts)
         if cfg.scope == "all" and cfg.score_template:
             scope[:] = True
         special = np.isin(ids, self.special_ids)

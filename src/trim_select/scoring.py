@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batching import collate, plan_batches, run_with_backoff
+from .batching import collate, padding_mask_free, plan_batches, run_with_backoff
 from .data import TokenSequence, as_sequence
 from .fingerprints import Fingerprints, nearest_rows
 from .models import base_model, embedding_matrix, model_pad_id
@@ -141,65 +141,139 @@ def pool_scores(
             "n_scored": n_scored, "n_unseen": n_unseen}
 
 
-class Scorer:
-    """Stage II over a stream of sequences: length-sorted token-budget batches, pool order out."""
+Targets = Fingerprints | Mapping[str, Fingerprints]
 
-    def __init__(self, model: Any, fingerprints: Fingerprints, *, penalty: float | None = 1.0,
+
+class Scorer:
+    """Stage II over a stream of sequences: length-sorted token-budget batches, pool order out.
+
+    ``fingerprints`` is one :class:`Fingerprints` or a mapping ``{name: Fingerprints}`` of several
+    target sets (SPEC "Extensions"): every batch is forwarded once and matched against each set
+    (one vocabulary-sized :class:`TokenMatcher` per target), so each target's results are exactly
+    those of a single-target run on the same batches. ``mask_free=True`` drops the padding mask
+    from the forward where that is exact (:func:`~trim_select.batching.padding_mask_free`).
+    """
+
+    def __init__(self, model: Any, fingerprints: Targets, *, penalty: float | None = 1.0,
                  mean_weight: float = 0.5, max_weight: float = 0.5, coverage_weight: float = 0.05,
                  idf: np.ndarray | None = None, batch_tokens: int = 16384, max_batch_size: int = 256,
-                 pad_id: int | None = None, compile: bool = False):
+                 pad_id: int | None = None, compile: bool = False, mask_free: bool = True):
         self.model = model
         self.base = base_model(model)
         self._forward = torch.compile(self.base, dynamic=True) if compile else self.base
         self.device = next(model.parameters()).device
         emb = embedding_matrix(model)
-        if fingerprints.dim != self.base.config.hidden_size:
-            raise ValueError(f"fingerprints have dimension {fingerprints.dim} but the model's hidden size is "
-                             f"{self.base.config.hidden_size}: they were built with another model")
-        self.matcher = TokenMatcher(fingerprints, emb, penalty, self.device, idf=idf)
+        self.single = isinstance(fingerprints, Fingerprints)
+        targets = {"target": fingerprints} if self.single else dict(fingerprints)
+        if not targets:
+            raise ValueError("no target set: pass one Fingerprints or a non-empty mapping of them")
+        hidden = self.base.config.hidden_size
+        for name, fp in targets.items():
+            if fp.dim != hidden:
+                raise ValueError(f"fingerprints {name!r} have dimension {fp.dim} but the model's hidden size is "
+                                 f"{hidden}: they were built with another model")
+        self.matchers = {name: TokenMatcher(fp, emb, penalty, self.device, idf=idf) for name, fp in targets.items()}
+        self.matcher = next(iter(self.matchers.values()))  # the (first) target's matcher
+        self.vocab = self.matcher.vocab
         self.weights = (mean_weight, max_weight, coverage_weight)
         self.batch_tokens, self.max_batch_size = batch_tokens, max_batch_size
         self.pad_id = pad_id if pad_id is not None else model_pad_id(model)
+        exact, self.mask_free_reason = padding_mask_free(self.base.config)
+        self.mask_free = bool(mask_free and exact)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.matchers)
 
     @torch.no_grad()
     def forward_hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Base model only: no LM head, no attention output, no KV cache."""
-        out = self._forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
-                            use_cache=False)
+        """Base model only: no LM head, no attention output, no KV cache.
+
+        Without the padding mask where :attr:`mask_free` (right padding, plain causal attention):
+        every real token attends to the same keys either way, so its hidden state is the same.
+        """
+        mask = None if self.mask_free else batch["attention_mask"].long()
+        out = self._forward(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
-    @torch.no_grad()
-    def score_sequences(self, seqs: list[TokenSequence], on_batch: Any = None) -> ScoreDetails:
-        """Score sequences in pool order; ``on_batch(n_done)`` is called after each forward batch."""
-        n = len(seqs)
-        out = {k: np.zeros(n, dtype=np.float64) for k in ("score", "mean", "max", "coverage")}
-        out.update({k: np.zeros(n, dtype=np.int64) for k in ("n_tokens", "n_scored", "n_unseen")})
-        if n == 0:
-            return ScoreDetails(**out)
+    def _check(self, seqs: list[TokenSequence]) -> None:
         for b in seqs:
             if len(b) == 0:
                 raise ValueError("an example rendered to zero tokens")
-            if int(b.input_ids.max()) >= self.matcher.vocab:
+            if int(b.input_ids.max()) >= self.vocab:
                 raise ValueError(f"token id {int(b.input_ids.max())} outside the model's vocabulary")
 
-        def run(idx: np.ndarray) -> dict[str, np.ndarray]:
-            batch = collate([seqs[i] for i in idx], self.device, self.pad_id)
-            res = pool_scores(self.matcher, batch, self.forward_hidden(batch), *self.weights)
-            return {k: v.cpu().numpy() for k, v in res.items()}
+    @torch.no_grad()
+    def score_sequences_many(self, seqs: list[TokenSequence], on_batch: Any = None) -> dict[str, ScoreDetails]:
+        """Every target's :class:`ScoreDetails` in pool order, from one forward per batch."""
+        n = len(seqs)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name in self.matchers:
+            cols = {k: np.zeros(n, dtype=np.float64) for k in ("score", "mean", "max", "coverage")}
+            cols.update({k: np.zeros(n, dtype=np.int64) for k in ("n_tokens", "n_scored", "n_unseen")})
+            out[name] = cols
+        self._check(seqs)
 
-        for idx in plan_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_size):
-            for sub, res in run_with_backoff(idx, run):
-                for k, v in res.items():
-                    out[k][sub] = v
-            if on_batch is not None:
-                on_batch(len(idx))
-        return ScoreDetails(**out)
+        def run(idx: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+            batch = collate([seqs[i] for i in idx], self.device, self.pad_id)
+            hidden = self.forward_hidden(batch)
+            return {name: {k: v.cpu().numpy() for k, v in pool_scores(m, batch, hidden, *self.weights).items()}
+                    for name, m in self.matchers.items()}
+
+        if n:
+            for idx in plan_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_size):
+                for sub, res in run_with_backoff(idx, run):
+                    for name, cols in res.items():
+                        for k, v in cols.items():
+                            out[name][k][sub] = v
+                if on_batch is not None:
+                    on_batch(len(idx))
+        return {name: ScoreDetails(**cols) for name, cols in out.items()}
+
+    def score_sequences(self, seqs: list[TokenSequence], on_batch: Any = None) -> ScoreDetails:
+        """Score sequences in pool order; ``on_batch(n_done)`` is called after each forward batch."""
+        if len(self.matchers) != 1:
+            raise ValueError(f"{len(self.matchers)} target sets: use score_sequences_many")
+        return self.score_sequences_many(seqs, on_batch)[self.names[0]]
+
+    def iter_chunks_many(self, pool: Iterable[Mapping[str, Any] | TokenSequence], chunk_size: int = 2048
+                         ) -> Iterator[dict[str, ScoreDetails]]:
+        it = iter(pool)
+        while chunk := list(islice(it, chunk_size)):
+            yield self.score_sequences_many([as_sequence(x) for x in chunk])
 
     def iter_chunks(self, pool: Iterable[Mapping[str, Any] | TokenSequence], chunk_size: int = 2048
                     ) -> Iterator[ScoreDetails]:
         it = iter(pool)
         while chunk := list(islice(it, chunk_size)):
             yield self.score_sequences([as_sequence(x) for x in chunk])
+
+
+def score_details_many(
+    model: Any,
+    pool: Iterable[Mapping[str, Any] | TokenSequence],
+    targets: Mapping[str, Fingerprints],
+    penalty: float | None = 1.0,
+    mean_weight: float = 0.5,
+    max_weight: float = 0.5,
+    coverage_weight: float = 0.05,
+    *,
+    idf: np.ndarray | None = None,
+    batch_tokens: int = 16384,
+    max_batch_size: int = 256,
+    chunk_size: int = 2048,
+    mask_free: bool = True,
+) -> dict[str, ScoreDetails]:
+    """Stage II for several target sets from one pool pass: ``{name: ScoreDetails}``, each equal to
+    :func:`score_details` with that target alone (Eq. 10-15 per target, one forward per batch)."""
+    scorer = Scorer(model, targets, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
+                    coverage_weight=coverage_weight, idf=idf, batch_tokens=batch_tokens,
+                    max_batch_size=max_batch_size, mask_free=mask_free)
+    parts: dict[str, list[ScoreDetails]] = {name: [] for name in scorer.names}
+    for chunk in scorer.iter_chunks_many(pool, chunk_size):
+        for name, det in chunk.items():
+            parts[name].append(det)
+    return {name: ScoreDetails.concat(p) for name, p in parts.items()}
 
 
 def score_details(
@@ -215,12 +289,12 @@ def score_details(
     batch_tokens: int = 16384,
     max_batch_size: int = 256,
     chunk_size: int = 2048,
+    mask_free: bool = True,
 ) -> ScoreDetails:
     """Stage II with every per-example component (mean, max, coverage, counts)."""
-    scorer = Scorer(model, fp, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
-                    coverage_weight=coverage_weight, idf=idf, batch_tokens=batch_tokens,
-                    max_batch_size=max_batch_size)
-    return ScoreDetails.concat(list(scorer.iter_chunks(pool, chunk_size)))
+    return score_details_many(model, pool, {"target": fp}, penalty, mean_weight, max_weight, coverage_weight,
+                              idf=idf, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+                              chunk_size=chunk_size, mask_free=mask_free)["target"]
 
 
 def score(
