@@ -152,7 +152,7 @@ def test_baseline_refuses_a_changed_pool(tmp_path):
 
 def test_run_pipeline_refuses_changed_targets_and_pool(tiny_dir, tmp_path):
     from trim_select.config import RuntimeConfig
-    from trim_select.warmup import PipelineConfig, run_pipeline
+    from trim_select.pipeline import PipelineConfig, run_pipeline
 
     pool, targets = _files(tmp_path)
     out = tmp_path / "run"
