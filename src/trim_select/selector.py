@@ -201,8 +201,7 @@ class TrimSelector:
         """
         if self.fingerprints is None:
             raise RuntimeError("call fit() or load_fingerprints() first")
-        out_dir = Path(out_dir)
-        t0 = time.perf_counter()
+        out_dir, t0 = Path(out_dir), time.perf_counter()
         rt, sc = self.runtime, self.score_config
         renderer = self.renderer()
         self.scored_pool = file_identity(pool)  # the digest coreset.jsonl must be written from
