@@ -168,6 +168,25 @@ def test_run_pipeline_refuses_changed_targets_and_pool(tiny_dir, tmp_path):
         run_pipeline(pool, targets, out, 3, **kw)
 
 
+def test_warmup_refuses_a_pool_edited_in_place_and_retrains_with_overwrite(tiny_dir, tmp_path):
+    from trim_select.training.lora import LoraRecipe
+    from trim_select.warmup import warmup
+
+    pool, _ = _files(tmp_path)
+    out = tmp_path / "warmup"
+    recipe = LoraRecipe(lr=1e-3, epochs=1, batch_size=2, lora_r=2, lora_alpha=4, device="cpu")
+    first = warmup(pool, out, str(tiny_dir), 0.25, 0, recipe, progress=False)
+    assert not first.train.cached
+    assert warmup(pool, out, str(tiny_dir), 0.25, 0, recipe, progress=False).train.cached  # same content: reused
+    edited = [dict(r, response=r["response"].replace("clips", "clipz")) for r in ROWS]  # hits the subset too
+    pool.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    with pytest.raises(InputChangedError, match="pool file .*pool.jsonl changed .*--overwrite"):
+        warmup(pool, out, str(tiny_dir), 0.25, 0, recipe, progress=False)
+    again = warmup(pool, out, str(tiny_dir), 0.25, 0, recipe, progress=False, overwrite=True)
+    assert not again.train.cached  # retrained on the edited pool, and that warmup is now the cached one
+    assert json.loads((out / "warmup.json").read_text())["pool"]["xxh3_128"] == file_identity(pool)["xxh3_128"]
+
+
 def test_compare_selection_step_refuses_a_changed_pool(tmp_path):
     from trim_select.config import RuntimeConfig
     from trim_select.evaluation.compare import run_selection
