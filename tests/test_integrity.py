@@ -78,6 +78,18 @@ def test_same_size_edit_changes_the_digest_and_the_digest_is_memoised(tmp_path):
     assert content_digest(folder) != d  # every file of a save_to_disk folder counts, names included
 
 
+def test_worker_reuses_the_drivers_digest_only_while_the_file_is_unchanged(tmp_path):
+    from trim_select.io import digest_entry, remember_digest
+
+    pool = _write(ROWS, tmp_path / "pool", "jsonl")
+    sig, digest = digest_entry(pool)
+    assert digest == content_digest(pool)
+    remember_digest((list(sig), "f" * 32))  # as a spawned worker gets it (pickled), here with a marker digest
+    assert content_digest(pool) == "f" * 32  # taken from the driver: no second hash
+    pool.write_text(pool.read_text().replace("clips", "clipz"))  # same size, new content and stat
+    assert content_digest(pool) == file_identity(pool)["xxh3_128"] != "f" * 32
+
+
 @pytest.mark.parametrize("how", ["typo", "swap"])
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "folder"])
 def test_select_refuses_a_pool_edited_in_place_and_recomputes_with_overwrite(tiny, tmp_path, fmt, how):

@@ -86,6 +86,23 @@ def content_digest(path: str | Path) -> str:
     return digest
 
 
+def digest_entry(path: str | Path) -> tuple[tuple[Any, ...], str]:
+    """(stat signature, digest) of ``path``, for :func:`remember_digest` in a worker process: the driver
+    hashes once, a worker reuses it only while the file's stat signature is unchanged."""
+    p = Path(path).resolve()
+    return _stat_signature(p), content_digest(p)
+
+
+def remember_digest(entry: tuple[tuple[Any, ...], str] | list[Any]) -> None:
+    """Seed this process's digest memo with a :func:`digest_entry` from the driver."""
+    sig, digest = entry
+    _DIGESTS[_as_tuple(sig)] = digest
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def file_identity(path: str | Path) -> dict[str, Any]:
     """A file's or folder's resolved path, size in bytes and content digest (xxh3-128): the identity
     every cache and resume key uses, so a same-size edit is a different input."""
@@ -185,6 +202,7 @@ class ScoreWriter:
         self.shard = shard
         self.computed = 0  # chunks scored by this process (run.json: proof that a resume reused parts)
         manifest = self.dir / "manifest.json"
+        prev: dict[str, Any] = {}
         if manifest.exists():
             prev = json.loads(manifest.read_text())
             old = prev.get("key")
@@ -197,11 +215,13 @@ class ScoreWriter:
                     )
                 for p in self.dir.glob("part-*.parquet"):
                     p.unlink()
+                prev = {}
         self.dir.mkdir(parents=True, exist_ok=True)
         if not shard:  # concurrent shard writers: another process's temporary file is not stale
             for stale in self.dir.glob(".*.tmp"):  # left by a process killed mid-write (kill -9)
                 stale.unlink(missing_ok=True)
-        write_json(manifest, {"key": key, "inputs": inputs or {}})
+        # a writer given no inputs (a ray actor) keeps those the driver recorded for the same key
+        write_json(manifest, {"key": key, "inputs": inputs if inputs is not None else prev.get("inputs") or {}})
 
     def part_path(self, chunk: int) -> Path:
         return self.dir / f"part-{chunk:06d}.parquet"
