@@ -18,7 +18,7 @@ MAX_FILE, MAX_FUNC = 400, 60
 # The rooms, bottom to top: data flows records -> token sequences -> fingerprints -> scores ->
 # coreset -> evidence. A module may import its own room and rooms below it, never above.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("config", "io", "data", "host", "batching", "selection", "progress", "testing")),
+    ("ground", ("config", "io", "locking", "data", "host", "batching", "selection", "progress", "testing")),
     ("models", ("models",)),
     ("method", ("saliency", "fingerprints", "scoring")),
     ("outputs", ("outputs",)),
@@ -43,12 +43,12 @@ ALLOWED: dict[str, str] = {
     "reports/load.py::load_pools": "67 lines: moved verbatim from reports.py",
     "reports/stats.py::compute_summary": "63 lines: moved verbatim from reports.py",
     "data.py": "owned by issue 13 (readers); not restructured here",
-    "evaluation/compare.py::compare": "evaluation internals are being replaced (issue 15)",
+    "evaluation/compare.py::_compare": "evaluation internals are being replaced (issue 15)",
     "evaluation/inference.py::shared_prefix_logprobs": "evaluation internals are being replaced (issue 15)",
     "evaluation/runner.py::evaluate": "evaluation internals are being replaced (issue 15)",
     "baselines/less.py::score_less": "LESS internals left as they are while issue 15 moves to TRL",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
-    "baselines/runner.py::run_baseline": "moved verbatim; its run.json is not yet the select layout",
+    "baselines/runner.py::_run_baseline": "moved verbatim; its run.json is not yet the select layout",
     "cli/baseline.py::baseline_cmd": "typer signature: options not yet built from the dataclasses",
     "cli/pipeline.py::run_cmd": "typer signature: options not yet built from the dataclasses",
     "cli/report.py::report_cmd": "typer signature: options not yet built from the dataclasses",

@@ -157,10 +157,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, unin
     done_before = len(list((out / "parts").glob("part-*.parquet")))
     assert 3 <= done_before < 40
     assert not list(out.rglob("*.tmp")) or sig == signal.SIGKILL  # clean exits leave no temp file
+    lock = out / ".trim-select.lock"
+    assert lock.exists() == (sig == signal.SIGKILL)  # released on Ctrl-C/SIGTERM, left behind by kill -9
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "parts").glob("part-*.parquet")}
 
-    subprocess.run(_cmd(tiny_dir, pool, targets, out), check=True, env=env, capture_output=True)
+    rerun = subprocess.run(_cmd(tiny_dir, pool, targets, out), check=True, env=env, capture_output=True, text=True)
+    if sig == signal.SIGKILL:  # the dead process's lock is taken over, not a reason to stop
+        assert "stale lock" in rerun.stderr and str(proc.pid) in rerun.stderr
+    assert not lock.exists()
     assert pq.read_table(out / "scores.parquet").equals(pq.read_table(ref / "scores.parquet"))
     assert (out / "coreset.jsonl").read_bytes() == (ref / "coreset.jsonl").read_bytes()
+    # the parts finished before the kill were reused, not recomputed: same files, and only the rest scored
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "parts").glob("part-*.parquet")}
+    assert {k: after[k] for k in before} == before
+    run = json.loads((out / "run.json").read_text())
+    assert run["read_stats"]["chunks_computed"] == 40 - len(before)
 
 
 # -- determinism and resources -------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from .data import DataError, read_records
-from .io import atomic_path, file_identity, package_versions, write_json, write_parquet
+from .io import InputChangedError, atomic_path, file_identity, package_versions, write_json, write_parquet
 from .selection import rank, select_top
 
 RUN_FILE = "run.json"
@@ -71,12 +71,25 @@ def add_selection(table: pa.Table, budget: str | int | float) -> tuple[pa.Table,
     return table, chosen
 
 
-def write_coreset(pool: str | Path, order: list[int], path: str | Path, *, format: str | None = None) -> None:
-    """Copy the selected rows (pool positions ``order``, best first) verbatim into ``path``."""
+def write_coreset(pool: str | Path, order: list[int], path: str | Path, *, format: str | None = None,
+                  ids: list[str] | None = None, digest: str | None = None) -> None:
+    """Copy the selected rows (pool positions ``order``, best first) verbatim into ``path``.
+
+    ``digest``: the pool content the scores were computed on (refused if the file now differs);
+    ``ids``: the scores table's id of each selected row, checked against the row read back.
+    """
+    if digest is not None and file_identity(pool)["xxh3_128"] != digest:
+        raise InputChangedError(f"pool file {Path(pool).resolve()} changed while it was being scored "
+                                f"(xxh3-128 {digest[:12]}… -> {file_identity(pool)['xxh3_128'][:12]}…): "
+                                "coreset.jsonl is not written from another pool; rerun")
     wanted = set(order)
+    want_id = dict(zip(order, ids, strict=True)) if ids is not None else {}
     raw: dict[int, bytes] = {}
     for rec in read_records(pool, format, skip_invalid=True):
         if rec.index in wanted:
+            if want_id and rec.id != want_id[rec.index]:
+                raise DataError(pool, rec.line, "id", f"row {rec.index} has id {rec.id!r} but the scores "
+                                f"table has {want_id[rec.index]!r} there: the pool is not the scored file")
             raw[rec.index] = rec.raw
     missing = wanted - set(raw)
     if missing:
@@ -87,28 +100,47 @@ def write_coreset(pool: str | Path, order: list[int], path: str | Path, *, forma
 
 
 def write_selection(pool: str | Path, out_dir: str | Path, table: pa.Table, budget: Any, *,
-                    format: str | None = None) -> tuple[pa.Table, np.ndarray]:
-    """With a budget: selection columns and ``coreset.jsonl``; always ``scores.parquet``."""
+                    format: str | None = None, digest: str | None = None) -> tuple[pa.Table, np.ndarray]:
+    """With a budget: selection columns and ``coreset.jsonl`` (from the pool whose content is ``digest``,
+    each row's id checked against the table); always ``scores.parquet``."""
     out_dir = Path(out_dir)
     chosen = np.zeros(0, dtype=np.int64)
     if budget is not None:
         table, chosen = add_selection(table, budget)
         order = table.column("index").to_numpy()[chosen].tolist()
-        write_coreset(pool, order, out_dir / "coreset.jsonl", format=format)
+        ids = table.column("id").to_pylist()
+        write_coreset(pool, order, out_dir / "coreset.jsonl", format=format,
+                      ids=[ids[i] for i in chosen.tolist()], digest=digest)
     write_parquet(out_dir / "scores.parquet", table)
     return table, chosen
+
+
+def _digest_of(identity: Any) -> str | None:
+    return identity.get("xxh3_128") if isinstance(identity, Mapping) else None
+
+
+def output_digests(pool: str | Path, fingerprints: Mapping[str, Any], scored_pool: Mapping[str, Any] | None, *,
+                   coreset: bool) -> dict[str, Any]:
+    """run.json: the xxh3-128 of the input content each output was computed from."""
+    fp_targets = _digest_of(fingerprints.get("targets"))
+    scored = _digest_of(scored_pool or file_identity(pool))
+    return {"fingerprints.safetensors": {"targets": fp_targets},
+            "scores.parquet": {"pool": scored, "targets": fp_targets},
+            "coreset.jsonl": {"pool": _digest_of(file_identity(pool))} if coreset else None}
 
 
 def select_report(*, pool: str | Path, budget: Any, table: pa.Table, chosen: np.ndarray,
                   stats: Mapping[str, Any], config: Mapping[str, Any], model: Mapping[str, Any],
                   fingerprints: Mapping[str, Any], timings: Mapping[str, float],
-                  extra: Mapping[str, Any] | None = None) -> RunReport:
+                  extra: Mapping[str, Any] | None = None,
+                  scored_pool: Mapping[str, Any] | None = None) -> RunReport:
     """The ``run.json`` of a TRIM selection (select, score + merge, run): one layout for every engine."""
     scores = table.column("score").to_numpy(zero_copy_only=False)
     pool_stats = stats.get("pool", {})
     report = RunReport({
         "command": "select",
         "pool": file_identity(pool),
+        "digests": output_digests(pool, fingerprints, scored_pool, coreset=budget is not None),
         "budget": budget,
         "counts": {
             "pool_rows": pool_stats.get("rows"),

@@ -4,7 +4,6 @@ learning rate (LESS-style, Xia et al. 2024; paper Appendix G (ii); ``docs/SPEC.m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -19,7 +18,8 @@ import pyarrow.parquet as pq
 
 from .config import WARMUP_FRACTION, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from .engines.dispatch import execute
-from .io import atomic_path, file_identity
+from .io import atomic_path, check_unchanged, file_identity
+from .locking import folder_lock
 from .models import resolve_model_path
 from .outputs import RunReport
 from .selection import parse_budget
@@ -68,10 +68,8 @@ def _run_key(pool: str | Path, targets: str | Path, model_id: str, cfg: Pipeline
              fpc: FingerprintConfig, sc: ScoreConfig, rt: RuntimeConfig, ckpt_names: list[str],
              format: str | None, target_format: str | None, skip_invalid: bool) -> str:
     """Identity of one selection run: target *content*, pool, scoring model and settings (not the budget)."""
-    t = Path(targets)
-    digest = hashlib.sha256(t.read_bytes()).hexdigest() if t.is_file() else json.dumps(file_identity(t))
     return config_hash(render, fpc, sc, {
-        "targets": digest, "pool": file_identity(pool), "model": model_id,
+        "targets": file_identity(targets)["xxh3_128"], "pool": file_identity(pool), "model": model_id,
         "checkpoints": [cfg.checkpoints, *ckpt_names], "chunk": rt.chunk_size, "dtype": rt.dtype,
         "format": format, "target_format": target_format, "skip_invalid": skip_invalid})
 
@@ -114,11 +112,30 @@ def run_pipeline(
     run resumes (warmup from its last checkpoint, Stage II from its finished chunks). Stage II runs
     on ``engine`` (:func:`trim_select.engines.dispatch.execute`: ``local`` with ``workers``, or ``ray`` at
     ``ray_address``); the engine does not change the scores, so it is not part of the run key.
+
+    ``out_dir`` is locked for the call (:mod:`trim_select.locking`); a pool or targets file whose content
+    changed since ``OUT/run.json`` was written is refused unless ``overwrite`` (the warmup checks its pool).
     """
+    out = Path(out_dir)
+    with folder_lock(out, "run"):
+        prev = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        check_unchanged({"pool": prev.get("pool"), "targets": prev.get("targets")},
+                        {"pool": file_identity(pool), "targets": file_identity(targets)}, out, overwrite=overwrite)
+        return _run_stages(pool, targets, out, budget, model=model, pipeline=pipeline, render=render,
+                           fingerprint=fingerprint, scoring=scoring, runtime=runtime, format=format,
+                           target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
+                           progress=progress, engine=engine, workers=workers, ray_address=ray_address)
+
+
+def _run_stages(pool: str | Path, targets: str | Path, out: Path, budget: str | int | float, *, model: str,
+                pipeline: PipelineConfig | None, render: RenderConfig | None, fingerprint: FingerprintConfig | None,
+                scoring: ScoreConfig | None, runtime: RuntimeConfig | None, format: str | None,
+                target_format: str | None, skip_invalid: bool, overwrite: bool, progress: bool, engine: str,
+                workers: int | None, ray_address: str | None) -> RunReport:
+    """:func:`run_pipeline`'s stages, with ``out`` locked and its inputs checked: warmup, scoring, copies."""
     pipeline = pipeline or PipelineConfig()
     render, fingerprint = render or RenderConfig(), fingerprint or FingerprintConfig()
     scoring, runtime = scoring or ScoreConfig(), runtime or RuntimeConfig()
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parse_budget(budget, 10**15)  # fail fast on a malformed budget, before any training
     t0 = time.perf_counter()

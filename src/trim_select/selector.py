@@ -39,6 +39,7 @@ from .data import Message, ReadStats, Record, Renderer, TokenSequence, as_sequen
 from .engines.base import column_sum, render_all, run_in_process, score_chunk
 from .fingerprints import Fingerprints, build_fingerprints
 from .io import RejectWriter, ScoreWriter, file_identity
+from .locking import folder_lock
 from .models import LoadedModel, load_model
 from .outputs import RunReport, add_selection, select_report, write_selection
 from .progress import count_rows, progress_bar
@@ -78,6 +79,7 @@ class TrimSelector:
         self.fingerprints: Fingerprints | None = None
         self.times = StageTimes()
         self.stats: dict[str, Any] = {}
+        self.scored_pool: dict[str, Any] | None = None  # identity of the pool Stage II scored
 
     # -- model -------------------------------------------------------------------------------
     @property
@@ -199,12 +201,12 @@ class TrimSelector:
         """
         if self.fingerprints is None:
             raise RuntimeError("call fit() or load_fingerprints() first")
-        out_dir = Path(out_dir)
-        t0 = time.perf_counter()
+        out_dir, t0 = Path(out_dir), time.perf_counter()
         rt, sc = self.runtime, self.score_config
         renderer = self.renderer()
-        writer = ScoreWriter(out_dir, self.scores_key(pool, format=format, skip_invalid=skip_invalid),
-                             overwrite=overwrite, shard="" if shard is None else f"{shard[0]}/{shard[1]}")
+        self.scored_pool = file_identity(pool)  # the digest coreset.jsonl must be written from
+        writer = self.score_writer(pool, out_dir, format=format, skip_invalid=skip_invalid, overwrite=overwrite,
+                                   shard=shard)
         idf = None
         if sc.idf:
             t1 = time.perf_counter()
@@ -232,6 +234,7 @@ class TrimSelector:
         bar.close()
         rejects.close()
         table = writer.read_all()
+        self.stats["chunks_computed"] = self.stats.get("chunks_computed", 0) + writer.computed
         stats.duplicate_ids, stats.duplicate_examples = duplicate_ids(table)
         self.stats["pool"] = stats.to_dict()
         self.stats["pool"]["truncated"] = column_sum(table, "n_truncated", count_nonzero=True)
@@ -247,6 +250,18 @@ class TrimSelector:
                            {"fp": _fp_hash(self.fingerprints), "model": self.lm.sha256,
                             "chunk": self.runtime.chunk_size, "pool": file_identity(pool), "format": format,
                             "skip_invalid": skip_invalid})
+
+    def score_writer(self, pool: str | Path, out_dir: Path, *, format: str | None, skip_invalid: bool,
+                     overwrite: bool, shard: tuple[int, int] | None) -> ScoreWriter:
+        """The part writer of ``out_dir`` pinned to this run's settings key and input files."""
+        return ScoreWriter(out_dir, self.scores_key(pool, format=format, skip_invalid=skip_invalid),
+                           overwrite=overwrite, shard="" if shard is None else f"{shard[0]}/{shard[1]}",
+                           inputs=self.score_inputs(pool))
+
+    def score_inputs(self, pool: str | Path) -> dict[str, Any]:
+        """The input files Stage II results depend on (recorded in ``parts/manifest.json``)."""
+        fp_meta = self.fingerprints.meta if self.fingerprints is not None else {}
+        return {"pool": file_identity(pool), "targets": fp_meta.get("targets")}
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, table: pa.Table, budget: str | int | float) -> tuple[pa.Table, np.ndarray]:
@@ -269,18 +284,23 @@ class TrimSelector:
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Stage I (or a saved fingerprints file) -> Stage II -> selection; writes all outputs, run.json
-        last. Hands off to the in-process engine (:func:`trim_select.engines.base.run_in_process`)."""
-        report = run_in_process(self, pool, out_dir, budget, targets=targets, fingerprints=fingerprints,
-                                format=format, target_format=target_format, skip_invalid=skip_invalid,
-                                overwrite=overwrite, extra=extra)
-        report.write(out_dir)
+        last. Hands off to the in-process engine (:func:`trim_select.engines.base.run_in_process`).
+
+        ``out_dir`` is locked for the call (:mod:`trim_select.locking`); a targets or pool file whose
+        content changed since the results there were computed is refused unless ``overwrite``."""
+        with folder_lock(out_dir, "select"):
+            report = run_in_process(self, pool, out_dir, budget, targets=targets, fingerprints=fingerprints,
+                                    format=format, target_format=target_format, skip_invalid=skip_invalid,
+                                    overwrite=overwrite, extra=extra)
+            report.write(out_dir)
         return report
 
     def finalize(self, pool: str | Path, out_dir: str | Path, table: pa.Table, budget: Any, *,
                  format: str | None = None, extra: dict[str, Any] | None = None) -> RunReport:
         """Selection, ``coreset.jsonl`` and ``scores.parquet``; returns the (unwritten) report."""
         t0 = time.perf_counter()
-        table, chosen = write_selection(pool, out_dir, table, budget, format=format)
+        table, chosen = write_selection(pool, out_dir, table, budget, format=format,
+                                        digest=self.scored_pool["xxh3_128"] if self.scored_pool else None)
         self.times.add("selection", t0)
         fp = self.fingerprints
         return select_report(
@@ -289,7 +309,7 @@ class TrimSelector:
                     "scoring": to_dict(self.score_config), "runtime": to_dict(self.runtime)},
             model=self.model_identity(),
             fingerprints={"classes": len(fp) if fp else None, **(fp.meta if fp else {})},
-            timings=self.times.seconds, extra=extra)
+            timings=self.times.seconds, extra=extra, scored_pool=self.scored_pool)
 
 
 def _finish_chunk(writer: ScoreWriter, scorer: Scorer, k: int, chunk: list[Record], fut: Any, bar: Any,

@@ -23,7 +23,8 @@ import numpy as np
 
 from .config import WARMUP_FRACTION, config_hash
 from .data import read_records
-from .io import file_identity, write_json
+from .io import check_unchanged, file_identity, write_json
+from .locking import folder_lock
 from .models import resolve_model_path
 from .selection import parse_budget
 from .training.lora import LoraRecipe, TrainResult, train_lora
@@ -98,14 +99,25 @@ def warmup(
     ``seed`` draws the subset (``numpy.random.default_rng(seed)``); ``recipe.seed`` drives data order,
     LoRA init and dropout (the CLI sets both from ``--seed``). A finished warmup with the same
     settings in ``out_dir`` is returned without loading the model; an interrupted one resumes.
+    ``out_dir`` is locked; a pool whose content changed since the warmup there is refused unless
+    ``overwrite``.
     """
-    out = Path(out_dir)
+    with folder_lock(out_dir, "warmup"):
+        return _warmup(pool_path, Path(out_dir), model, fraction, seed, recipe, format=format,
+                       skip_invalid=skip_invalid, progress=progress, overwrite=overwrite,
+                       trust_remote_code=trust_remote_code, on_step=on_step)
+
+
+def _warmup(pool_path: str | Path, out: Path, model: str | os.PathLike, fraction: float, seed: int,
+            recipe: LoraRecipe, *, format: str | None, skip_invalid: bool, progress: bool, overwrite: bool,
+            trust_remote_code: bool, on_step: Callable[[int, dict[str, Any]], None] | None) -> WarmupResult:
     key = warmup_key(pool_path, model, fraction, seed, recipe, format, skip_invalid)
     done = out / "warmup.json"
     if done.exists() and (out / "final").is_dir():
         prev = json.loads(done.read_text())
         if prev.get("key") == key:
             return load_warmup(out)
+        check_unchanged({"pool": prev.get("pool")}, {"pool": file_identity(pool_path)}, out, overwrite=overwrite)
         if not overwrite:
             raise RuntimeError(f"{out} holds a warmup with different settings (pool, model, fraction, seed "
                                "or recipe); rerun with --overwrite to redo it or choose another --out")

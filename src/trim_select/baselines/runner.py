@@ -4,6 +4,7 @@ layout of ``select`` (``scores.parquet``, ``coreset.jsonl``, ``rejected.jsonl``,
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import pyarrow as pa
 
 from ..config import to_dict
 from ..data import ReadStats, read_records
-from ..io import RejectWriter, file_identity, package_versions, write_parquet
+from ..io import RejectWriter, check_unchanged, file_identity, package_versions, write_parquet
+from ..locking import folder_lock
 from ..outputs import RunReport, add_selection, write_coreset
 from ..selection import parse_budget
 from . import bm25, dsir, less, random_sample, rds  # noqa: F401  (register the methods)
@@ -57,12 +59,28 @@ def run_baseline(
     target_format: str | None = None,
     skip_invalid: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> RunReport:
     """Score the pool with baseline ``method``, select ``budget`` and write the output layout.
 
     ``config``: shared settings (seed, model, render, runtime); ``method_settings``: the method's
-    config (``BM25Config`` ...). Defaults when None. Returns the ``run.json`` report.
+    config (``BM25Config`` ...). Defaults when None. Returns the ``run.json`` report. ``out_dir`` is
+    locked; a pool or targets file changed since ``OUT/run.json`` was written is refused unless
+    ``overwrite``.
     """
+    out = Path(out_dir)
+    with folder_lock(out, f"baseline {method}"):
+        prev = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        check_unchanged({"pool": prev.get("pool"), "targets": prev.get("targets")},
+                        {"pool": file_identity(pool), "targets": file_identity(targets)}, out, overwrite=overwrite)
+        return _run_baseline(method, pool, targets, out, budget, config=config, method_settings=method_settings,
+                             format=format, target_format=target_format, skip_invalid=skip_invalid,
+                             progress=progress)
+
+
+def _run_baseline(method: str, pool: str | Path, targets: str | Path, out_dir: Path, budget: str | int | float, *,
+                  config: BaselineConfig | None, method_settings: Any, format: str | None,
+                  target_format: str | None, skip_invalid: bool, progress: bool) -> RunReport:
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; expected one of {sorted(BASELINES)}")
     config = config if config is not None else BaselineConfig()
@@ -76,6 +94,7 @@ def run_baseline(
     cost = SelectionCost()
 
     t0 = time.perf_counter()
+    pool_identity = file_identity(pool)  # the content read here is the content the coreset is copied from
     pool_stats, target_stats = ReadStats(), ReadStats()
     rejects = RejectWriter(out_dir / "rejected.jsonl")
     try:
@@ -100,7 +119,8 @@ def run_baseline(
     t0 = time.perf_counter()
     index = np.array([r.index for r in records], dtype=np.int64)
     table, chosen = selection_table(index, [r.id for r in records], result, budget)
-    write_coreset(pool, index[chosen].tolist(), out_dir / "coreset.jsonl", format=format)
+    write_coreset(pool, index[chosen].tolist(), out_dir / "coreset.jsonl", format=format,
+                  ids=[records[i].id for i in chosen.tolist()], digest=pool_identity["xxh3_128"])
     write_parquet(out_dir / "scores.parquet", table)
     cost.timed("selection", t0)
     wall = time.perf_counter() - t_start
@@ -109,8 +129,11 @@ def run_baseline(
         "command": "baseline",
         "method": method,
         "summary": spec.summary,
-        "pool": file_identity(pool),
+        "pool": pool_identity,
         "targets": file_identity(targets),
+        "digests": {"scores.parquet": {"pool": pool_identity["xxh3_128"],
+                                       "targets": file_identity(targets)["xxh3_128"]},
+                    "coreset.jsonl": {"pool": pool_identity["xxh3_128"]}},
         "budget": budget,
         "seed": config.seed,
         "counts": {

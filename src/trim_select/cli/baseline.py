@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from .common import BASELINE, LESS, RENDER, RUNTIME, console, friendly_errors
-from .core import BatchTok, Budget, Device, Format, MaxLen, Model, Pool, Quiet, Skip, Targets, Trust
+from .core import BatchTok, Budget, Device, Format, MaxLen, Model, Overwrite, Pool, Quiet, Skip, Targets, Trust
 
 Method = Annotated[str, typer.Option("--method", help="random|bm25|dsir|rds|less.")]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (scores.parquet, coreset.jsonl, run.json).")]
@@ -74,6 +74,7 @@ def baseline_cmd(
     skip_invalid: Skip = False,
     trust_remote_code: Trust = RUNTIME.trust_remote_code,
     quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Select with a baseline (random, BM25, DSIR, RDS, LESS): scores.parquet, coreset.jsonl, run.json."""
     from ..baselines import BASELINES, BaselineConfig, method_config, run_baseline
@@ -103,7 +104,7 @@ def baseline_cmd(
         raise typer.BadParameter(str(exc)) from None
     report = run_baseline(method, pool, targets, out, budget, config=config, method_settings=mc,
                           format=format, target_format=target_format, skip_invalid=skip_invalid,
-                          progress=not quiet)
+                          progress=not quiet, overwrite=overwrite)
     _summary(report, out)
 
 

@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from .common import console, friendly_errors
-from .core import Budget, Device, Model, Pool, Quiet
+from .core import Budget, Device, Model, Overwrite, Pool, Quiet
 
 Tasks = Annotated[list[Path], typer.Option(
     "--task", help="Task folder with test.jsonl (+ dev.jsonl exemplars, val.jsonl targets); repeatable.")]
@@ -170,6 +170,7 @@ def compare_cmd(
     device: Device = "auto",
     dtype: EvalDtype = "auto",
     quiet: Quiet = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Select with each method, fine-tune and evaluate each x seeds: one table like the paper's Table 1.
 
@@ -189,6 +190,7 @@ def compare_cmd(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     summary = compare(task, pool, budget, method_list, out, seeds=seeds, model=model,
                       selection_model=selection_model, recipe=recipe, config=config,
-                      runtime=RuntimeConfig(device=device), baseline=baseline, progress=not quiet)
+                      runtime=RuntimeConfig(device=device), baseline=baseline, progress=not quiet,
+                      overwrite=overwrite)
     typer.echo(summary["markdown"])
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)

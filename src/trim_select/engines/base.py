@@ -61,7 +61,17 @@ import pyarrow.parquet as pq
 from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from ..data import ReadStats, Record, Renderer, read_records
 from ..fingerprints import Fingerprints
-from ..io import SCORE_COLUMNS, RejectWriter, ScoreWriter, atomic_path, write_json
+from ..io import (
+    SCORE_COLUMNS,
+    InputChangedError,
+    RejectWriter,
+    ScoreWriter,
+    atomic_path,
+    check_unchanged,
+    file_identity,
+    write_json,
+)
+from ..locking import folder_lock
 from ..models import embedding_matrix
 from ..outputs import RunReport, select_report, write_selection
 from ..scoring import Scorer
@@ -99,6 +109,7 @@ class ShardPlan:
     # ones (ray engine). Identical unless --skip-invalid drops rows.
     chunking: str = "records"
     extra: dict[str, Any] = field(default_factory=dict)
+    pool_identity: dict[str, Any] | None = None  # path, bytes, xxh3_128 of the pool the shards score
 
     def save(self, out_dir: str | Path) -> None:
         write_json(Path(out_dir) / PLAN_FILE, asdict(self))
@@ -154,15 +165,20 @@ def part_path(out_dir: str | Path, chunk: int) -> Path:
 
 
 def resolve_fingerprints(sel: TrimSelector, out_dir: str | Path, *, targets: str | Path | None = None,
-                         fingerprints: str | Path | None = None, target_format: str | None = None) -> Path:
+                         fingerprints: str | Path | None = None, target_format: str | None = None,
+                         overwrite: bool = False) -> Path:
     """Stage I, resolved one way for every engine: a given fingerprints file, else the cached
     ``OUT/fingerprints.safetensors`` when its Stage I key matches ``targets``, else a fit; a file from
-    an older version gets its unseen-token map (Eq. 11) here, once. Saved to ``OUT`` (workers read it)."""
+    an older version gets its unseen-token map (Eq. 11) here, once. Saved to ``OUT`` (workers read it).
+    Fingerprints of targets whose content changed at the same path are refused unless ``overwrite``."""
     fp_path = Path(out_dir) / FP_FILE
     if fingerprints is not None:
         sel.load_fingerprints(fingerprints)
     elif targets is not None:
-        cached = Fingerprints.load(fp_path).meta.get("stage1_key") if fp_path.exists() else None
+        meta = Fingerprints.load(fp_path).meta if fp_path.exists() else {}
+        check_unchanged({"targets": meta.get("targets")}, {"targets": file_identity(targets)}, out_dir,
+                        overwrite=overwrite)
+        cached = meta.get("stage1_key")
         if cached is not None and cached == sel.stage1_key(targets, target_format):
             sel.load_fingerprints(fp_path)  # resume: Stage I of this exact input is done
         else:
@@ -183,12 +199,14 @@ def score_chunk(writer: ScoreWriter, k: int, scorer: Scorer, records: Sequence[R
                 seqs: Sequence[Any], *, on_batch: Callable[[int], None] | None = None,
                 on_part: Callable[[int], None] | None = None) -> None:
     """Stage II of one chunk (Eqs. 12-15 via :class:`~trim_select.scoring.Scorer`), written as part
-    ``k`` through ``writer``; ``on_part(k)`` runs after the part is on disk (the fault hook)."""
+    ``k`` through ``writer`` (counted in ``writer.computed``); ``on_part(k)`` runs after the part is on
+    disk (the fault hook)."""
     det = scorer.score_sequences(list(seqs), on_batch=on_batch)
     cols = {"index": np.array([r.index for r in records], dtype=np.int64),
             "id": [r.id for r in records], **det.columns(),
             "n_truncated": np.array([s.n_truncated for s in seqs], dtype=np.int64)}
     writer.write(k, cols)
+    writer.computed += 1
     if on_part is not None:
         on_part(k)
 
@@ -205,7 +223,8 @@ def run_in_process(sel: TrimSelector, pool: str | Path, out_dir: str | Path, bud
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    resolve_fingerprints(sel, out_dir, targets=targets, fingerprints=fingerprints, target_format=target_format)
+    resolve_fingerprints(sel, out_dir, targets=targets, fingerprints=fingerprints, target_format=target_format,
+                         overwrite=overwrite)
     table = sel.score_pool(pool, out_dir, format=format, skip_invalid=skip_invalid, overwrite=overwrite)
     sources = {"targets": sel.file_identity(targets) if targets is not None else None,
                "fingerprints_file": str(fingerprints) if fingerprints is not None else None}
@@ -222,18 +241,20 @@ def prepare(sel: TrimSelector, pool: str | Path, out_dir: str | Path, *, targets
     applied here, never by concurrent workers) and ``shards.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    resolve_fingerprints(sel, out_dir, targets=targets, fingerprints=fingerprints, target_format=target_format)
+    resolve_fingerprints(sel, out_dir, targets=targets, fingerprints=fingerprints, target_format=target_format,
+                         overwrite=overwrite)
     key = sel.scores_key(pool, format=format, skip_invalid=skip_invalid)
     if chunking == "rows" and skip_invalid:  # rows and records chunks differ: never mix them
         key = config_hash(key, "rows")
     if shards is None:  # concurrent shard jobs must not delete each other's parts
-        ScoreWriter(out_dir, key, overwrite=overwrite)
+        ScoreWriter(out_dir, key, overwrite=overwrite, inputs=sel.score_inputs(pool))
     plan = ShardPlan(pool=str(Path(pool).resolve()), pool_bytes=pool_bytes(pool), format=format,
                      skip_invalid=skip_invalid, chunk_size=sel.runtime.chunk_size, key=key,
                      model_spec=sel.worker_model_spec(),
                      model=sel.model_identity(), render=to_dict(sel.render_config),
                      fingerprint=to_dict(sel.fingerprint_config), scoring=to_dict(sel.score_config),
-                     runtime=to_dict(sel.runtime), engine=engine, shards=shards, chunking=chunking)
+                     runtime=to_dict(sel.runtime), engine=engine, shards=shards, chunking=chunking,
+                     pool_identity=file_identity(pool))
     if save:
         plan.save(out_dir)
     return plan
@@ -267,6 +288,13 @@ def _read_pool_stats(out_dir: Path, pool: Path, plan: ShardPlan) -> ReadStats:
     if pool_bytes(pool) != plan.pool_bytes:
         raise RuntimeError(f"{pool} has {pool_bytes(pool)} bytes but the scored pool had {plan.pool_bytes}: "
                            "it is not the file the shards scored")
+    now = file_identity(pool)
+    scored = plan.pool_identity or {}
+    if scored.get("xxh3_128") and scored["xxh3_128"] != now["xxh3_128"]:
+        raise InputChangedError(
+            f"pool file {now['path']} changed since the shards in {out_dir} scored it (xxh3-128 "
+            f"{scored['xxh3_128'][:12]}… -> {now['xxh3_128'][:12]}…): rescore it (a `--overwrite` run "
+            "without --shard, or delete OUT/parts and rerun every shard), then merge")
     manifest = out_dir / "parts" / "manifest.json"
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: no chunk of {out_dir} was scored yet")
@@ -344,7 +372,9 @@ def merge_report(out_dir: str | Path, budget: str | int | float | None = None, *
     timings = dict(times or {})
     timings["merge_read"] = round(timings.get("merge_read", 0.0) + time.perf_counter() - t0, 3)
     t1 = time.perf_counter()
-    table, chosen = write_selection(pool, out_dir, table, budget, format=plan.format)
+    scored = plan.pool_identity or {}
+    table, chosen = write_selection(pool, out_dir, table, budget, format=plan.format,
+                                    digest=scored.get("xxh3_128"))
     timings["selection"] = round(timings.get("selection", 0.0) + time.perf_counter() - t1, 3)
     render, fpc, scoring, runtime = plan.configs()
     report = select_report(
@@ -353,14 +383,18 @@ def merge_report(out_dir: str | Path, budget: str | int | float | None = None, *
                 "runtime": to_dict(runtime)},
         model=plan.model, fingerprints={"classes": len(fp) or None, **fp.meta}, timings=timings,
         extra={"distributed": {"engine": plan.engine, "chunks": plan.expected_chunks(stats),
-                               "shards": plan.shards, **(extra or {})}})
+                               "shards": plan.shards, **(extra or {})}},
+        scored_pool=plan.pool_identity)
     report.timings["total"] = round(sum(v for k, v in report.timings.items() if k != "total"), 3)
     return report
 
 
 def merge(out_dir: str | Path, budget: str | int | float | None = None, *, pool: str | Path | None = None,
           extra: dict[str, Any] | None = None, times: dict[str, float] | None = None) -> RunReport:
-    """``trim-select merge``: :func:`merge_report`, then ``run.json`` (written once, here)."""
-    report = merge_report(out_dir, budget, pool=pool, extra=extra, times=times)
-    report.write(out_dir)
+    """``trim-select merge``: :func:`merge_report`, then ``run.json`` (written once, here). Holds the
+    folder's lock (:mod:`trim_select.locking`); a pool whose content digest is not the one the shards
+    scored is refused (:class:`~trim_select.io.InputChangedError`)."""
+    with folder_lock(out_dir, "merge"):
+        report = merge_report(out_dir, budget, pool=pool, extra=extra, times=times)
+        report.write(out_dir)
     return report

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..locking import folder_lock
 from ..outputs import RunReport
 from ..selector import TrimSelector
 from .base import (
@@ -71,7 +72,9 @@ def execute(sel: TrimSelector, pool: str | Path, out_dir: str | Path, budget: st
 
 def run(sel: TrimSelector, pool: str | Path, out_dir: str | Path, budget: str | int | float | None,
         **kw: Any) -> RunReport:
-    """:func:`execute`, then ``run.json`` (written once, here: this is a top-level call)."""
-    report = execute(sel, pool, out_dir, budget, **kw)
-    report.write(out_dir)
+    """:func:`execute`, then ``run.json`` (written once, here: this is a top-level call); ``out_dir``
+    is locked for the call (:mod:`trim_select.locking`)."""
+    with folder_lock(out_dir, f"select --engine {kw.get('engine', 'local')}"):
+        report = execute(sel, pool, out_dir, budget, **kw)
+        report.write(out_dir)
     return report

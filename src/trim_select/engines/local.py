@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
+from ..io import digest_entry, remember_digest
 from ..progress import count_rows, progress_bar
 from ..selector import TrimSelector
 from .base import FP_FILE, ShardPlan, config_from_dict
@@ -41,6 +42,7 @@ def _local_worker(spec: dict[str, Any]) -> None:
         torch.set_num_threads(spec["threads"])
     if spec["device"].startswith("cuda"):
         torch.cuda.set_device(torch.device(spec["device"]))
+    remember_digest(spec["pool_digest"])  # the driver's hash, reused while the pool's stat is unchanged
     fault = FaultInjector(**spec["fault"])  # test hook: die after writing N parts, as a killed worker would
     render, fpc, scoring, runtime = (config_from_dict(c, spec[k]) for c, k in (
         (RenderConfig, "render"), (FingerprintConfig, "fingerprint"), (ScoreConfig, "scoring"),
@@ -60,6 +62,7 @@ def score_local(plan: ShardPlan, out_dir: str | Path, *, workers: int | None = N
     devices = local_devices(runtime, workers)
     n = len(devices)
     threads = max(1, len(os.sched_getaffinity(0)) // n) if devices[0] == "cpu" else 0
+    pool_digest = digest_entry(plan.pool)  # hashed once here, not once per worker
     ctx = mp.get_context("spawn")
     procs = []
     t0 = time.perf_counter()
@@ -68,7 +71,7 @@ def score_local(plan: ShardPlan, out_dir: str | Path, *, workers: int | None = N
                 "scoring": plan.scoring, "runtime": plan.runtime, "fingerprints": str((out_dir / FP_FILE).resolve()),
                 "pool": plan.pool, "out": str(out_dir.resolve()), "format": plan.format,
                 "skip_invalid": plan.skip_invalid, "shard": [i, n], "device": dev, "threads": threads,
-                "fault": FaultInjector.settings()}
+                "fault": FaultInjector.settings(), "pool_digest": pool_digest}
         p = ctx.Process(target=_local_worker, args=(spec,), name=f"trim-select-worker-{i}", daemon=False)
         p.start()
         procs.append(p)

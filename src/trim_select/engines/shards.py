@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..locking import folder_lock
 from ..selector import TrimSelector
 from .base import missing_chunks, prepare
 
@@ -18,7 +19,16 @@ def run_shard(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: t
               fingerprints: str | Path | None = None, format: str | None = None,
               target_format: str | None = None, skip_invalid: bool = False) -> dict[str, Any]:
     """One ``--shard i/n`` job: score chunks ``k % n == i`` into ``OUT/parts``; merge comes later
-    (``budget`` is recorded in ``shards.json`` as merge's default)."""
+    (``budget`` is recorded in ``shards.json`` as merge's default). Holds the shard's own lock, so
+    shards of one folder run side by side but the same shard twice does not."""
+    with folder_lock(out_dir, f"score --shard {shard[0]}/{shard[1]}", shard=shard):
+        return _run_shard(sel, pool, out_dir, shard, budget=budget, targets=targets, fingerprints=fingerprints,
+                          format=format, target_format=target_format, skip_invalid=skip_invalid)
+
+
+def _run_shard(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: tuple[int, int], *,
+               budget: str | int | float | None, targets: str | Path | None, fingerprints: str | Path | None,
+               format: str | None, target_format: str | None, skip_invalid: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = prepare(sel, pool, out_dir, targets=targets, fingerprints=fingerprints, format=format,
                    target_format=target_format, skip_invalid=skip_invalid, engine="shards", shards=shard[1],
@@ -28,5 +38,6 @@ def run_shard(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: t
     sel.score_pool(pool, out_dir, format=format, skip_invalid=skip_invalid, shard=shard)
     n_chunks = math.ceil(int(sel.stats["pool"]["records"]) / sel.runtime.chunk_size)
     mine = [k for k in range(n_chunks) if k % shard[1] == shard[0]]
-    return {"shard": list(shard), "chunks": len(mine), "missing_overall": missing_chunks(out_dir, n_chunks),
+    return {"shard": list(shard), "chunks": len(mine), "computed": sel.stats.get("chunks_computed", 0),
+            "missing_overall": missing_chunks(out_dir, n_chunks),
             "seconds": round(time.perf_counter() - t0, 3)}

@@ -32,8 +32,9 @@ import numpy as np
 
 from ..config import RenderConfig, RuntimeConfig, config_hash, to_dict
 from ..data import Record, Renderer, read_records
-from ..io import atomic_path, write_json
+from ..io import atomic_path, check_unchanged, write_json
 from ..io import file_identity as _identity
+from ..locking import folder_lock
 from ..models import resolve_model_path
 from .harness import METRICS, PRIMARY_METRIC, EvalConfig
 from .runner import (
@@ -72,8 +73,12 @@ def _selection_models(selection_model: str) -> tuple[str, str]:
 
 
 def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_dir: str | Path, *, seed: int,
-                  selection_model: str, runtime: RuntimeConfig, progress: bool = True) -> dict[str, Any]:
-    """One selection (skipped when ``out_dir`` holds it with the same settings); returns its run.json."""
+                  selection_model: str, runtime: RuntimeConfig, progress: bool = True,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """One selection (skipped when ``out_dir`` holds it with the same settings); returns its run.json.
+
+    Its key holds the pool's and targets' content digests, so a changed file is never reused; an
+    earlier selection there from a file that changed since is refused unless ``overwrite``."""
     out = Path(out_dir)
     targets = Path(task.path) / "val.jsonl"
     if not targets.exists():
@@ -84,6 +89,9 @@ def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_di
     if marker.exists() and (out / "coreset.jsonl").exists() and (out / "run.json").exists():
         if json.loads(marker.read_text()).get("key") == key:
             return json.loads((out / "run.json").read_text())
+        prev = json.loads((out / "run.json").read_text())
+        check_unchanged({"pool": prev.get("pool"), "targets": prev.get("targets")},
+                        {"pool": _identity(pool), "targets": _identity(targets)}, out, overwrite=overwrite)
     trim_model, less_model = _selection_models(selection_model)
     if method == "trim":
         from ..selector import TrimSelector
@@ -95,7 +103,8 @@ def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_di
 
         model = less_model if method == "less" else trim_model
         base_cfg = BaselineConfig(seed=seed, model=model, runtime=runtime)
-        report = run_baseline(method, pool, targets, out, budget, config=base_cfg, progress=progress)
+        report = run_baseline(method, pool, targets, out, budget, config=base_cfg, progress=progress,
+                              overwrite=True)
     write_json(marker, {"key": key, "method": method, "seed": seed})
     return report
 
@@ -206,8 +215,22 @@ def compare(
     runtime: RuntimeConfig | None = None,
     baseline: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Select with every method, fine-tune and evaluate each x seeds; write compare.json/.md."""
+    """Select with every method, fine-tune and evaluate each x seeds; write compare.json/.md.
+
+    ``out_dir`` is locked; per-step results keyed on the inputs' content digests are reused, and a
+    selection from a pool or targets file that changed since is refused unless ``overwrite``."""
+    with folder_lock(out_dir, "compare"):
+        return _compare(tasks, pool, budget, methods, out_dir, seeds=seeds, model=model,
+                        selection_model=selection_model, recipe=recipe, config=config, runtime=runtime,
+                        baseline=baseline, progress=progress, overwrite=overwrite)
+
+
+def _compare(tasks: Sequence[str | Path], pool: str | Path, budget: str, methods: Sequence[str],
+             out_dir: str | Path, *, seeds: int | Sequence[int], model: str, selection_model: str | None,
+             recipe: Any, config: EvalConfig | None, runtime: RuntimeConfig | None, baseline: bool,
+             progress: bool, overwrite: bool) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     t_start = time.perf_counter()
@@ -250,7 +273,7 @@ def compare(
                 if str(sel_dir) not in selections:
                     report = run_selection(method, task, pool, budget, sel_dir,
                                            seed=s if stochastic else 0, selection_model=selection_model,
-                                           runtime=runtime, progress=progress)
+                                           runtime=runtime, progress=progress, overwrite=overwrite)
                     _, records = load_train_records(sel_dir)
                     selections[str(sel_dir)] = records
                     costs.append(selection_cost(report))
