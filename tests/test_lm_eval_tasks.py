@@ -49,21 +49,29 @@ def math_folder(tmp_path):
 
 
 def oracle_logliks(model, tok, folder, shots):
-    """sum log p(choice | chat prompt) per choice, one forward per (row, choice), naive loop."""
+    """Per row: sum log p(choice | chat prompt) per choice, and log p(prompt's trailing "\\n" | rest).
+
+    One forward per (row, choice), naive loop. lm-eval's ``_encode_pair`` moves the context's trailing
+    whitespace (the "\\n" after ``<|im_start|>assistant``) into every continuation, so its scores are
+    ours plus that one per-row constant (same argmax, same accuracy).
+    """
     task = load_task(folder)
     out = []
     for row in task.test:
         msgs = [{"role": m.role, "content": m.content} for m in prompt_messages(row, "mc", task.dev[:shots])]
         prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ctx = tok(prompt, add_special_tokens=False)["input_ids"]
-        lls = []
+        stripped = tok(prompt.rstrip(), add_special_tokens=False)["input_ids"]
+        assert ctx[:len(stripped)] == stripped and len(ctx) == len(stripped) + 1
+        lls, newline = [], None
         for choice in row.choices:
             full = tok(prompt + choice, add_special_tokens=False)["input_ids"]
             assert full[:len(ctx)] == ctx
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([full])).logits[0].double(), dim=-1)
             lls.append(sum(float(logp[pos - 1, full[pos]]) for pos in range(len(ctx), len(full))))
-        out.append(lls)
+            newline = float(logp[len(stripped) - 1, ctx[-1]])
+        out.append((lls, newline))
     return task, out
 
 
@@ -81,11 +89,13 @@ def test_local_mc_task_matches_direct_loglikelihood(tiny, mc_folder):
     task, oracle = oracle_logliks(tiny.model, tiny.tokenizer, mc_folder, shots)
     rows = res["samples"]["trim_mc_task"]
     assert [r["id"] for r in rows] == [t.id for t in task.test]
-    for row, lls, trow in zip(rows, oracle, task.test, strict=True):
-        assert row["logliks"] == pytest.approx(lls, abs=1e-3)
+    for row, (lls, newline), trow in zip(rows, oracle, task.test, strict=True):
+        assert row["logliks"] == pytest.approx([ll + newline for ll in lls], abs=1e-3)
         assert row["chosen"] == max(range(len(lls)), key=lls.__getitem__)
         assert row["acc"] == float(row["chosen"] == trow.answer_index)
-    acc = sum(max(range(len(ll)), key=ll.__getitem__) == t.answer_index for ll, t in zip(oracle, task.test, strict=True)) / 5
+    picks = [max(range(len(lls)), key=lls.__getitem__) for lls, _ in oracle]
+    assert [r["chosen"] for r in rows] == picks
+    acc = sum(p == t.answer_index for p, t in zip(picks, task.test, strict=True)) / len(picks)
     assert res["results"]["trim_mc_task"]["acc,none"] == pytest.approx(acc)
     assert res["n_shot"]["trim_mc_task"] == shots
 

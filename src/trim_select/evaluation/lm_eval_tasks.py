@@ -27,7 +27,11 @@ details of lm-eval's chat path matter for matching :mod:`.tasks`' prompts: with 
 ``construct_requests`` drops the ``target_delimiter`` in front of each choice (the choice is
 scored right after ``<|im_start|>assistant\\n``), and ``Message.to_dict`` drops the
 target/few-shot delimiters from the turns; we still set both delimiters to ``""`` so the plain
-(non-chat) rendering has no stray spaces either.
+(non-chat) rendering has no stray spaces either. lm-eval's ``HFLM._encode_pair`` moves the
+context's trailing whitespace into the continuation, so each choice is scored as
+``log p("\\n" + choice | ...<|im_start|>assistant)``: our ``log p(choice | prompt)`` plus one
+constant per row (argmax and ``acc`` unchanged; length-normalised ``acc_norm`` would shift, hence
+only ``acc`` here). ``tests/test_lm_eval_tasks.py`` checks both against a direct computation.
 """
 
 from __future__ import annotations
