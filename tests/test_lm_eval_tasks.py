@@ -127,3 +127,20 @@ def test_include_directory_runs_its_tasks(tiny, mc_folder, tmp_path):
     assert res["results"]["trim_mc_task"]["sample_len"] == 2
     named = run_lm_eval(tiny.model, tiny.tokenizer, "trim_mc_task", include=tmp_path / "inc", shots=0, limit=2)
     assert named["samples"]["trim_mc_task"][0]["logliks"] == res["samples"]["trim_mc_task"][0]["logliks"]
+
+
+def test_cli_evaluate_writes_lm_eval_metrics_of_the_base_model(tmp_path, tiny_dir, mc_folder):
+    from typer.testing import CliRunner
+
+    from trim_select.cli import app
+
+    out = tmp_path / "eval"
+    args = ["evaluate", "--task", str(mc_folder), "--out", str(out), "--model", str(tiny_dir), "--seeds", "0",
+            "--limit", "3", "--shots", "1", "--device", "cpu", "--dtype", "float32", "--quiet",
+            "--lm-eval-task", str(mc_folder)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "lm_eval.json").read_text())
+    assert report["base"]["trim_mc_task"]["sample_len"] == 3
+    assert 0.0 <= report["base"]["trim_mc_task"]["acc,none"] <= 1.0
+    assert "lm-eval base trim_mc_task" in res.output
