@@ -107,6 +107,12 @@ def test_math_task_runs_generate_until_with_exact_match(tiny, math_folder):
     rows = res["samples"]["trim_math_task"]
     assert [r["target"] for r in rows] == [a for _, a in MATH_ROWS]
     assert all(isinstance(r["raw_response"], str) and r["exact_match"] in (0.0, 1.0) for r in rows)
+    # the prompt is tasks.py's: one dev exemplar as a user/assistant pair (its worked solution), then the question
+    task = load_task(math_folder)
+    for row, trow in zip(rows, task.test, strict=True):
+        msgs = [{"role": m.role, "content": m.content} for m in prompt_messages(trow, "math", task.dev[:1])]
+        assert row["prompt"] == tiny.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert "#### 3" in row["prompt"]  # the first dev row's solution
 
 
 def test_generated_configs_follow_the_layout(mc_folder, math_folder, tmp_path):

@@ -132,10 +132,11 @@ def include_task_names(include: str | Path) -> list[str]:
 
 
 def sample_row(sample: dict[str, Any]) -> dict[str, Any]:
-    """One per-row result: doc id, row id, target, response(s), chosen index (mc) and metrics."""
+    """One per-row result: doc id, row id, target, rendered prompt, response(s), chosen index (mc), metrics."""
     resps = sample.get("filtered_resps", [])
     row: dict[str, Any] = {"doc_id": sample["doc_id"], "id": sample.get("doc", {}).get("id"),
-                           "target": sample.get("target")}
+                           "target": sample.get("target"),
+                           "prompt": (sample.get("arguments") or [[None]])[0][0]}
     if resps and isinstance(resps[0], (tuple, list)):  # multiple choice: (loglik, is_greedy) per choice
         lls = [float(r[0]) for r in resps]
         row["logliks"] = lls
