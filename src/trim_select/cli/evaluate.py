@@ -46,6 +46,11 @@ TrainMaxLen = Annotated[int, typer.Option("--train-max-length", help="Truncate t
 TrainDtype = Annotated[str, typer.Option(
     "--train-dtype",
     help="Autocast while fine-tuning: auto (bf16 where the CPU/GPU supports it)|float32|bf16.")]
+LmEvalTask = Annotated[list[str] | None, typer.Option(
+    "--lm-eval-task", help="Also evaluate with lm-eval: a task folder, an lm-eval task name or a directory of "
+                           "lm-eval task YAMLs; repeatable. Writes OUT/lm_eval.json.")]
+LmEvalInclude = Annotated[Path | None, typer.Option(
+    "--lm-eval-include", help="Directory of extra lm-eval task YAMLs for --lm-eval-task names.")]
 MicroTok = Annotated[int, typer.Option("--micro-batch-tokens", help="Padded tokens per forward/backward.")]
 
 
@@ -105,6 +110,8 @@ def evaluate_cmd(
     micro_batch_tokens: MicroTok = 4096,
     device: Device = "auto",
     dtype: EvalDtype = "auto",
+    lm_eval_task: LmEvalTask = None,
+    lm_eval_include: LmEvalInclude = None,
     quiet: Quiet = False,
 ) -> None:
     """LoRA-fine-tune the model on a coreset (per seed) and score task folders; base model as reference.
@@ -117,8 +124,7 @@ def evaluate_cmd(
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
                               max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
                               gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
-                              batch_size=batch_size,
-                              lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               train_max_length=train_max_length, train_dtype=train_dtype,
                               micro_batch_tokens=micro_batch_tokens)
     if seeds < 0:
@@ -130,8 +136,35 @@ def evaluate_cmd(
     summary = evaluate(task, out, train=train, model=model, seeds=seeds, baseline=baseline,
                        baseline_models=baseline_model or (), recipe=recipe, config=config, progress=not quiet)
     typer.echo(summary["markdown"])
-    console.print(f"[bold green]done[/] -> {out / 'evaluation.json'}, {out / 'evaluation.md'}",
-                  highlight=False)
+    if lm_eval_task:
+        _lm_eval(lm_eval_task, lm_eval_include, out, model=model, baseline=baseline, config=config)
+    console.print(f"[bold green]done[/] -> {out / 'evaluation.json'}, {out / 'evaluation.md'}", highlight=False)
+
+
+def _lm_eval(tasks: list[str], include: Path | None, out: Path, *, model: str, baseline: bool,
+             config: Any) -> None:
+    """lm-eval on every fine-tuned adapter under OUT/train (and the base model): OUT/lm_eval.json."""
+    import json
+
+    from ..evaluation.lm_eval_tasks import run_lm_eval
+    from ..evaluation.runner import load_finetuned
+    from ..models import load_model
+
+    targets: list[tuple[str, Any]] = [(str(a.parent.name), a) for a in sorted(out.glob("train/*/final"))]
+    if baseline or not targets:
+        targets.insert(0, ("base", None))
+    report: dict[str, Any] = {}
+    for label, adapter in targets:
+        loaded = (load_model(model, device=config.device, dtype=config.dtype) if adapter is None
+                  else load_finetuned(adapter, config))
+        for task in tasks:
+            res = run_lm_eval(loaded.model, loaded.tokenizer, task, limit=config.limit, shots=config.shots,
+                              include=include)
+            report.setdefault(label, {}).update(res["results"])
+            for name, metrics in res["results"].items():
+                shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
+                typer.echo(f"lm-eval {label} {name}: {shown}")
+    (out / "lm_eval.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
 
 
 @app.command("compare")
@@ -183,8 +216,7 @@ def compare_cmd(
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
                               max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
                               gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
-                              batch_size=batch_size,
-                              lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               train_max_length=train_max_length, train_dtype=train_dtype,
                               micro_batch_tokens=micro_batch_tokens)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
