@@ -131,3 +131,17 @@ def test_budgets_must_name_every_target_set(tiny_dir, sets, tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in ("select", "--pool", pool, "--targets", folder, "--budget",
                                                     "gsm=5", "--out", tmp_path / "o", *common(tiny_dir))])
     assert res.exit_code != 0 and "no budget for target sets ['french']" in res.output
+
+
+def test_target_sets_named_on_the_command_line_when_file_stems_collide(tiny_dir, sets, tmp_path):
+    pool, folder = sets
+    for task, rows in (("gsm", TARGETS), ("french", OTHER)):
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "multi"
+    res = invoke("select", "--pool", pool, "--targets", f"gsm={tmp_path / 'gsm' / 'dev.jsonl'}", "--targets",
+                 f"french={tmp_path / 'french' / 'dev.jsonl'}", "--budget", "4", "--out", out, *common(tiny_dir))
+    assert res.exit_code == 0, res.output
+    single(tiny_dir, pool, folder / "french.jsonl", "4", tmp_path / "single")
+    assert_same_as_single(out / "french", tmp_path / "single")
+    assert (out / "gsm" / "coreset.jsonl").exists()

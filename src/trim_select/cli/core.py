@@ -16,10 +16,10 @@ from .common import FP, PENALTY, RENDER, RUNTIME, SCORE, build_configs, console,
 
 Pool = Annotated[Path, typer.Option("--pool", help="Pool file (.jsonl/.jsonl.gz/.json/.parquet/datasets folder).")]
 Targets = Annotated[Path, typer.Option("--targets", help="Target examples (5-10 rows of the target task).")]
-TargetsMany = Annotated[list[Path], typer.Option(
+TargetsMany = Annotated[list[str], typer.Option(
     "--targets", help="Target examples (5-10 rows of the target task). Repeat it, or give a folder of "
                       "*.jsonl/*.jsonl.gz/*.parquet files, to select for several target sets in one pool pass "
-                      "(outputs in OUT/<file stem>/).")]
+                      "(outputs in OUT/<file stem>/; NAME=FILE names a set).")]
 BudgetMany = Annotated[list[str], typer.Option(
     "--budget", help="Coreset size: a count (1000) or a share (5%); with several target sets also "
                      "NAME=SIZE, once per target set.")]
@@ -100,7 +100,7 @@ def summarise(report: dict[str, Any], out: Path) -> None:
     )
 
 
-def select_many(sel: Any, pool: Path, out: Path, budgets: list[str], targets: list[Path], *, engine: str,
+def select_many(sel: Any, pool: Path, out: Path, budgets: list[str], targets: list[str], *, engine: str,
                 workers: int | None, ray_address: str | None, shard: str | None, **kw: Any) -> dict[str, Any]:
     """Several target sets: one pool pass on the in-process engine, outputs in ``OUT/<name>/``."""
     if engine != "local" or workers is not None or ray_address is not None or shard is not None:
@@ -155,7 +155,7 @@ def select_cmd(
                         col_weight=col_weight, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
                         coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
                         batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
-    if len(targets) > 1 or targets[0].is_dir():
+    if len(targets) > 1 or Path(targets[0]).is_dir() or ("=" in targets[0] and not Path(targets[0]).exists()):
         select_many(sel, pool, out, budget, targets, engine=engine, workers=workers, ray_address=ray_address,
                     shard=shard, format=format, target_format=target_format, skip_invalid=skip_invalid,
                     overwrite=overwrite)
@@ -163,7 +163,7 @@ def select_cmd(
     if len(budget) != 1 or "=" in budget[0]:
         raise typer.BadParameter(f"one target set takes one --budget (a count or a share), got {budget}")
     report = execute(sel, pool, out, budget[0], engine=engine, workers=workers, ray_address=ray_address,
-                     shard=shard, targets=targets[0], format=format, target_format=target_format,
+                     shard=shard, targets=Path(targets[0]), format=format, target_format=target_format,
                      skip_invalid=skip_invalid, overwrite=overwrite)
     if report is not None:
         summarise(report, out)

@@ -45,23 +45,29 @@ def target_stem(path: Path) -> str:
 
 
 def target_sets(paths: Iterable[str | Path]) -> dict[str, Path]:
-    """``--targets`` values (files or folders of ``*.jsonl``/``*.jsonl.gz``/``*.parquet``) -> ``{stem: file}``;
-    two files with one stem are refused."""
-    found: list[Path] = []
-    for p in map(Path, paths):
+    """``--targets`` values (files, ``NAME=FILE``, or folders of ``*.jsonl``/``*.jsonl.gz``/``*.parquet``)
+    -> ``{name: file}``; the name is ``NAME`` or the file stem; two target sets with one name are refused."""
+    found: list[tuple[str, Path]] = []
+    for value in map(str, paths):
+        name, sep, rest = value.partition("=")
+        if sep and "/" not in name and not Path(value).exists():  # NAME=PATH names a target set
+            found.append((name, Path(rest)))
+            continue
+        p = Path(value)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(TARGET_SUFFIXES))
             if not files:
                 raise ValueError(f"--targets {p}: no *.jsonl, *.jsonl.gz or *.parquet target file in this folder")
-            found.extend(files)
+            found.extend((target_stem(f), f) for f in files)
         else:
-            found.append(p)
+            found.append((target_stem(p), p))
     out: dict[str, Path] = {}
-    for f in found:
-        name = target_stem(f)
+    for name, f in found:
+        if not name:
+            raise ValueError(f"--targets {f}: empty target set name")
         if name in out:
             raise ValueError(f"two target sets are named {name!r} ({out[name]} and {f}): the name of a target "
-                             "set is its file stem and names its output folder; rename one")
+                             "set is its file stem (or NAME in --targets NAME=FILE) and names its output folder")
         out[name] = f
     return out
 
