@@ -6,7 +6,7 @@
 CLI level (the product path; the lead measures, not run here): time the two commands below on the
 same machine; ``OUT2/run.json`` ``cost`` has the shared wall seconds and ``pool_passes: 1``::
 
-    trim-select select --pool P --targets gsm=bench/gsm/dev.jsonl --budget 5% --out OUT1
+    trim-select select --pool P --targets bench/gsm/dev.jsonl --budget 5% --out OUT1  # single-target layout
     trim-select select --pool P --targets gsm=bench/gsm/dev.jsonl \
         --targets social_iqa=bench/social_iqa/dev.jsonl --budget 5% --out OUT2
     cmp OUT1/coreset.jsonl OUT2/gsm/coreset.jsonl        # byte-identical
