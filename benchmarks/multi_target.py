@@ -3,6 +3,14 @@
     python benchmarks/multi_target.py                 # SmolLM2-135M-Instruct, 48 pool-small rows
     python benchmarks/multi_target.py --rows 200 --device cuda
 
+CLI level (the product path; the lead measures, not run here): time the two commands below on the
+same machine; ``OUT2/run.json`` ``cost`` has the shared wall seconds and ``pool_passes: 1``::
+
+    trim-select select --pool P --targets bench/gsm/dev.jsonl --budget 5% --out OUT1  # single-target layout
+    trim-select select --pool P --targets gsm=bench/gsm/dev.jsonl \
+        --targets social_iqa=bench/social_iqa/dev.jsonl --budget 5% --out OUT2
+    cmp OUT1/coreset.jsonl OUT2/gsm/coreset.jsonl        # byte-identical
+
 Both runs score the same length-sorted batches in one process (interleaved, best of
 ``--repeats``), so the ratio isolates what a second target set costs: its token matching
 (gather + dot product + segment reductions over the scored positions), not another forward. The

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .data import DataError, read_records
 from .io import InputChangedError, atomic_path, file_identity, package_versions, write_json, write_parquet
@@ -163,3 +164,14 @@ def select_report(*, pool: str | Path, budget: Any, table: pa.Table, chosen: np.
     if extra:
         report.update(extra)
     return report
+
+
+def duplicate_ids(table: pa.Table) -> tuple[int, list[str]]:
+    """Rows whose id repeats an earlier row's id, and up to 10 such ids."""
+    counts = pc.value_counts(table.column("id")) if table.num_rows else pa.array([], pa.struct([]))
+    if not len(counts):
+        return 0, []
+    values = counts.field("values").to_pylist()
+    n = counts.field("counts").to_numpy()
+    dup = n > 1
+    return int((n[dup] - 1).sum()), [values[i] for i in np.flatnonzero(dup)[:10]]

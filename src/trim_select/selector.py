@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -41,7 +40,7 @@ from .fingerprints import Fingerprints, build_fingerprints
 from .io import RejectWriter, ScoreWriter, file_identity
 from .locking import folder_lock
 from .models import LoadedModel, load_model
-from .outputs import RunReport, add_selection, select_report, write_selection
+from .outputs import RunReport, add_selection, duplicate_ids, select_report, write_selection
 from .progress import count_rows, progress_bar
 from .scoring import Scorer, token_idf
 
@@ -214,7 +213,8 @@ class TrimSelector:
             self.times.add("idf", t1)
         scorer = Scorer(self.lm.model, self.fingerprints, penalty=sc.penalty, mean_weight=sc.mean_weight,
                         max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
-                        batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile)
+                        batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile,
+                        mask_free=rt.mask_free)
         stats = ReadStats()
         rejects = RejectWriter(out_dir / "rejected.jsonl")
         records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, on_reject=rejects,
@@ -319,17 +319,6 @@ def _finish_chunk(writer: ScoreWriter, scorer: Scorer, k: int, chunk: list[Recor
         bar.update(len(chunk))
     else:
         score_chunk(writer, k, scorer, chunk, fut.result(), on_batch=bar.update, on_part=on_part)
-
-
-def duplicate_ids(table: pa.Table) -> tuple[int, list[str]]:
-    """Rows whose id repeats an earlier row's id, and up to 10 such ids."""
-    counts = pc.value_counts(table.column("id")) if table.num_rows else pa.array([], pa.struct([]))
-    if not len(counts):
-        return 0, []
-    values = counts.field("values").to_pylist()
-    n = counts.field("counts").to_numpy()
-    dup = n > 1
-    return int((n[dup] - 1).sum()), [values[i] for i in np.flatnonzero(dup)[:10]]
 
 
 def _fp_hash(fp: Fingerprints) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..engines import dispatch as dist
+from ..engines.multi import MULTI_ENGINE_ERROR, parse_budgets, run_many_in_process, target_sets
 from ..fingerprints import Fingerprints
 from ..selector import TrimSelector
 from . import app
@@ -15,6 +16,13 @@ from .common import FP, PENALTY, RENDER, RUNTIME, SCORE, build_configs, console,
 
 Pool = Annotated[Path, typer.Option("--pool", help="Pool file (.jsonl/.jsonl.gz/.json/.parquet/datasets folder).")]
 Targets = Annotated[Path, typer.Option("--targets", help="Target examples (5-10 rows of the target task).")]
+TargetsMany = Annotated[list[str], typer.Option(
+    "--targets", help="Target examples (5-10 rows of the target task). Repeat it, or give a folder of "
+                      "*.jsonl/*.jsonl.gz/*.parquet files, to select for several target sets in one pool pass "
+                      "(outputs in OUT/<file stem>/; NAME=FILE names a set).")]
+BudgetMany = Annotated[list[str], typer.Option(
+    "--budget", help="Coreset size: a count (1000) or a share (5%); with several target sets also "
+                     "NAME=SIZE, once per target set.")]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (resumable: rerun the same command).")]
 Budget = Annotated[str, typer.Option("--budget", help="Coreset size: a count (1000) or a share (5%).")]
 Model = Annotated[str, typer.Option("--model", help="'default' (SmolLM2-135M-Instruct), HF folder, .gguf, "
@@ -92,12 +100,27 @@ def summarise(report: dict[str, Any], out: Path) -> None:
     )
 
 
+def select_many(sel: Any, pool: Path, out: Path, budgets: list[str], targets: list[str], *, engine: str,
+                workers: int | None, ray_address: str | None, shard: str | None, **kw: Any) -> dict[str, Any]:
+    """Several target sets: one pool pass on the in-process engine, outputs in ``OUT/<name>/``."""
+    if engine != "local" or workers is not None or ray_address is not None or shard is not None:
+        raise typer.BadParameter(f"{MULTI_ENGINE_ERROR}: leave out --engine ray, --workers, --ray-address "
+                                 "and --shard, or run one target set per command")
+    sets = target_sets(targets)
+    report = run_many_in_process(sel, pool, out, parse_budgets(budgets, sets), sets, **kw)
+    report.write(out)
+    for name, entry in report["targets"].items():
+        console.print(f"[bold green]{name}[/]: selected {entry['selected']} of {entry['scored']} -> {out / name}",
+                      highlight=False)
+    return report
+
+
 @app.command("select")
 @friendly_errors
 def select_cmd(
     pool: Pool,
-    targets: Targets,
-    budget: Budget,
+    targets: TargetsMany,
+    budget: BudgetMany,
     out: Out,
     model: Model = "default",
     format: Format = None,
@@ -132,8 +155,15 @@ def select_cmd(
                         col_weight=col_weight, penalty=penalty, mean_weight=mean_weight, max_weight=max_weight,
                         coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
                         batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
-    report = execute(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address,
-                     shard=shard, targets=targets, format=format, target_format=target_format,
+    if len(targets) > 1 or Path(targets[0]).is_dir() or ("=" in targets[0] and not Path(targets[0]).exists()):
+        select_many(sel, pool, out, budget, targets, engine=engine, workers=workers, ray_address=ray_address,
+                    shard=shard, format=format, target_format=target_format, skip_invalid=skip_invalid,
+                    overwrite=overwrite)
+        return
+    if len(budget) != 1 or "=" in budget[0]:
+        raise typer.BadParameter(f"one target set takes one --budget (a count or a share), got {budget}")
+    report = execute(sel, pool, out, budget[0], engine=engine, workers=workers, ray_address=ray_address,
+                     shard=shard, targets=Path(targets[0]), format=format, target_format=target_format,
                      skip_invalid=skip_invalid, overwrite=overwrite)
     if report is not None:
         summarise(report, out)
