@@ -211,10 +211,7 @@ class TrimSelector:
             t1 = time.perf_counter()
             idf = self.pool_idf(pool, format=format, skip_invalid=skip_invalid)
             self.times.add("idf", t1)
-        scorer = Scorer(self.lm.model, self.fingerprints, penalty=sc.penalty, mean_weight=sc.mean_weight,
-                        max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
-                        batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile,
-                        mask_free=rt.mask_free)
+        scorer = self.make_scorer(idf)
         stats = ReadStats()
         rejects = RejectWriter(out_dir / "rejected.jsonl")
         records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, on_reject=rejects,
@@ -241,6 +238,14 @@ class TrimSelector:
         self.stats["pool"]["tokens"] = column_sum(table, "n_tokens")
         self.times.add("stage2_scoring", t0)
         return table
+
+    def make_scorer(self, idf: np.ndarray | None = None) -> Scorer:
+        """The Stage II scorer for the fitted fingerprints, with this selector's score/runtime configs."""
+        rt, sc = self.runtime, self.score_config
+        return Scorer(self.lm.model, self.fingerprints, penalty=sc.penalty, mean_weight=sc.mean_weight,
+                      max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
+                      batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile,
+                      mask_free=rt.mask_free)
 
     def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
         """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""
