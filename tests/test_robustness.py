@@ -149,8 +149,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path, unin
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "parts").glob("part-*.parquet"))) < 3:
-        time.sleep(0.02)
+        time.sleep(0.001)
+    # freeze it first: on an idle machine the tiny model scores the remaining chunks within one
+    # polling interval, so the signal would otherwise race the end of the run
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
     proc.wait(timeout=60)
     assert not (out / "scores.parquet").exists(), "run finished before it could be interrupted"
     assert proc.returncode != 0
