@@ -26,7 +26,7 @@ from trim_select.data import load_records
 from trim_select.testing import CORPUS
 
 TARGET_AT = 5  # pool position of the row identical to the single target
-LESS_FAST = LESSConfig(proj_dim=64, lora_r=4, lora_alpha=8, grad_batch=4)
+LESS_FAST = LESSConfig(proj_dim=64, lora_r=4, lora_alpha=8, grad_batch=4, allow_no_warmup=True)
 
 
 def _conv(k: int) -> dict:
@@ -152,6 +152,16 @@ def test_target_identical_pool_row_ranks_first(method, files, tiny_dir, tmp_path
     _run(method, files, tiny_dir, tmp_path, budget=1, targets="two" if method == "bm25" else "one")
     assert (tmp_path / "coreset.jsonl").read_bytes().splitlines() == [
         files["pool"].read_bytes().splitlines()[TARGET_AT]]
+
+
+def test_less_without_warmup_checkpoints_refuses_unless_allowed(files, tiny_dir, tmp_path):
+    from dataclasses import replace
+
+    cfg = BaselineConfig(model=str(tiny_dir), runtime=RuntimeConfig(device="cpu", dtype="float32"))
+    with pytest.raises(ValueError, match="LESS needs warmup checkpoints"):
+        run_baseline("less", files["pool"], files["one"], tmp_path / "plain", 1, config=cfg,
+                     method_settings=replace(LESS_FAST, allow_no_warmup=False), progress=False)
+    assert not (tmp_path / "plain" / "coreset.jsonl").exists()
 
 
 def test_less_with_warmup_checkpoints_is_adam_aware_and_lr_weighted(files, tiny_dir, warmup_dir, tmp_path):

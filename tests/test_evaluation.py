@@ -11,7 +11,13 @@ import torch
 from trim_select.data import Message
 from trim_select.evaluation.answers import exact_match, extract_number, numbers_match
 from trim_select.evaluation.harness import EvalConfig, evaluate_math, evaluate_mc
-from trim_select.evaluation.inference import ChatEncoder, continuation_logprobs, generate_greedy
+from trim_select.evaluation.inference import (
+    ChatEncoder,
+    common_prompt_prefix,
+    continuation_logprobs,
+    generate_greedy,
+    prefix_cached_logprobs,
+)
 from trim_select.evaluation.tasks import (
     detect_kind,
     load_task,
@@ -173,6 +179,26 @@ def test_continuation_logprobs_match_a_direct_computation_whatever_the_batching(
     assert np.array_equal(n1, n2)
 
 
+def test_few_shot_prefix_run_once_gives_the_whole_sequence_logprobs(tiny):
+    enc = ChatEncoder(tiny.tokenizer)
+    shots = rows_of(MATH_ROWS, "math")[:2]
+    questions = rows_of(MATH_ROWS, "math")
+    items = [enc.encode_answer(prompt_messages(r, "math", shots), r.solution) for r in questions]
+    same_prompt = prompt_messages(questions[0], "math", shots)
+    items += [enc.encode_answer(same_prompt, a) for a in ("72", "#### 72 clips")]  # remainder starts scored
+    p = common_prompt_prefix(items)
+    assert 0 < p <= min(int(np.argmax(it.target_mask)) for it in items)
+    assert all(np.array_equal(it.input_ids[:p], items[0].input_ids[:p]) for it in items)
+    cached, n1 = prefix_cached_logprobs(tiny.model, items, batch_tokens=64, min_prefix=1)
+    whole, n2 = continuation_logprobs(tiny.model, items)
+    np.testing.assert_allclose(cached, whole, rtol=0, atol=1e-4)
+    assert np.array_equal(n1, n2)
+    for it, lp in zip(items, cached, strict=True):
+        assert lp == pytest.approx(direct_logprob(tiny.model, it.input_ids.tolist(), it.target_mask)[0], abs=1e-4)
+    fallback, _ = prefix_cached_logprobs(tiny.model, items, min_prefix=p + 1)  # too short: whole sequences
+    np.testing.assert_array_equal(fallback, whole)
+
+
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["kv-cache-shared-prompt", "whole-sequences"])
 def test_multiple_choice_picks_the_choice_the_model_prefers(tiny, share_prefix):
     rows = rows_of(MC_ROWS, "mc")
@@ -309,36 +335,3 @@ def test_evaluate_with_zero_seeds_scores_only_the_reference_models(tmp_path, tin
     quiz = summary["tasks"]["quiz"]
     assert "finetuned" not in quiz and [r["label"] for r in quiz["references"]] == ["base", "reference-1"]
     assert quiz["references"][0]["metrics"] == quiz["references"][1]["metrics"]  # same weights, same numbers
-
-
-def test_compare_tabulates_methods_with_cost_source_mix_and_length(tmp_path, tiny_dir, tasks):
-    pytest.importorskip("trim_select.baselines")
-    from trim_select.config import RuntimeConfig
-    from trim_select.evaluation import compare, evaluation_recipe
-
-    rows = [dict(r, id=f"{r['id']}/{k}") for k in range(3) for r in TRAIN_ROWS]
-    pool = write_jsonl(tmp_path / "pool.jsonl", rows)
-    out = tmp_path / "cmp"
-    kw = dict(seeds=1, model=str(tiny_dir), recipe=evaluation_recipe("cpu", **TINY_RECIPE),
-              config=EvalConfig(**TINY_EVAL), runtime=RuntimeConfig(device="cpu", dtype="float32"),
-              progress=False)
-    summary = compare([tasks[1]], pool, "4", ["trim", "random"], out, **kw)
-    arith = summary["tasks"]["arith"]
-    assert list(arith["methods"]) == ["trim", "random"] and arith["base"] is not None
-    for method, row in arith["methods"].items():
-        sel = out / "select" / "arith" / ("random-seed-0" if method == "random" else method)
-        coreset = [json.loads(line) for line in (sel / "coreset.jsonl").read_text().splitlines()]
-        assert row["profile"]["rows"] == 4 == len(coreset)
-        shares = {ds: sum(r["dataset"] == ds for r in coreset) / 4 for ds in {r["dataset"] for r in coreset}}
-        assert row["profile"]["sources"] == pytest.approx(shares)
-        assert row["profile"]["mean_tokens"] > 0
-        assert row["cost"]["seconds"] > 0 and row["cost"]["backward_passes"] == 0
-        assert (out / "eval" / method / "arith" / "seed-0.json").exists()
-    assert arith["methods"]["trim"]["cost"]["forward_passes"] == len(MATH_ROWS) + 3 * len(TRAIN_ROWS)
-    table = (out / "compare.md").read_text()
-    assert "| trim | 1 |" in table and "| random | 1 |" in table and "| *pool* |" in table
-
-    # resumable: a rerun reuses every selection and (method, seed) result
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name != "compare.json"}
-    compare([tasks[1]], pool, "4", ["trim", "random"], out, **kw)
-    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

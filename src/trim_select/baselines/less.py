@@ -73,6 +73,9 @@ class LESSConfig:
     pool_gradient: str = "adam"  # adam | sgd (sgd is forced when no optimizer state is available)
     group_field: str | None = None  # target field naming sub-tasks; None: one group
     grad_batch: int = 16  # examples projected together (memory: grad_batch * P floats)
+    # LESS scores with the warmup's checkpoints (Adam state, LR weights); without them only a fresh
+    # LoRA with SGD gradients is possible, a different method, so it is refused unless asked for
+    allow_no_warmup: bool = False
 
     def __post_init__(self) -> None:
         if self.proj_dim < 1 or self.grad_batch < 1 or self.lora_r < 1:
@@ -255,6 +258,10 @@ def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) 
     autocast = gradient_autocast_dtype(rt.dtype, device)
     found = find_checkpoints(base_cfg.model)
     chosen = choose_checkpoints(found, base_cfg.checkpoints)
+    if not chosen and not config.allow_no_warmup:
+        raise ValueError(f"LESS needs warmup checkpoints: {base_cfg.model!r} has none. Give --model a warmup "
+                         "folder (trim-select warmup --pool POOL --out WARM), or allow the fresh-LoRA SGD "
+                         "variant explicitly (--less-allow-no-warmup; not the paper's LESS)")
     weights = checkpoint_weights(chosen) if chosen else np.ones(1)
     names, groups = target_groups(inputs.targets, config.group_field)
     n = len(inputs.pool)

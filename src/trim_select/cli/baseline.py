@@ -66,6 +66,9 @@ def baseline_cmd(
     pool_gradient: PoolGrad = "adam",
     grad_batch: Annotated[int, typer.Option("--grad-batch",
                                             help="less: examples projected together (memory).")] = 16,
+    less_allow_no_warmup: Annotated[bool, typer.Option(
+        "--less-allow-no-warmup", help="less: run on a model without warmup checkpoints (fresh LoRA, SGD "
+                                       "gradients; not the paper's LESS). Refused by default.")] = False,
     max_length: MaxLen = RENDER.max_length,
     batch_tokens: BatchTok = RUNTIME.batch_tokens,
     device: Device = RUNTIME.device,
@@ -91,7 +94,7 @@ def baseline_cmd(
         "rds": {"group_field": group_field},
         "less": {"proj_dim": proj_dim, "projection": projection, "lora_r": lora_r, "lora_alpha": lora_alpha,
                  "bias_correction": adam_bias_correction, "pool_gradient": pool_gradient,
-                 "group_field": group_field, "grad_batch": grad_batch},
+                 "group_field": group_field, "grad_batch": grad_batch, "allow_no_warmup": less_allow_no_warmup},
     }[method]
     try:
         config = BaselineConfig(

@@ -176,15 +176,27 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (resumable: rerun the same command).")],
     methods: Annotated[str, typer.Option(
         "--methods",
-        help="Comma list: trim and any baseline (random, bm25, dsir, rds, less).")] = "trim,bm25,random",
+        help="Comma list: trim, trim-warmup and any baseline (random, bm25, dsir, rds, less; LESS and "
+             "trim-warmup share one warmup, trained once).")] = "trim,bm25,random",
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tuning seeds 0..N-1 per method.")] = 3,
     model: Model = "default",
     selection_model: Annotated[str | None, typer.Option(
         "--selection-model", help="Model that selects (default: --model). A warmup folder gives TRIM its "
                                   "final adapter and LESS its checkpoints.")] = None,
     baseline: Baseline = True,
-    limit: Limit = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="Test rows for the answer NLL and accuracy (a seeded subset, the same for every "
+                        "model; default all). NLL needs no decoding: give it a few hundred rows.")] = None,
     limit_seed: LimitSeed = 0,
+    lm_eval_limit: Annotated[int, typer.Option(
+        "--lm-eval-limit", help="Also score the first N of those rows through lm-eval (acc / exact match "
+                                "per row; 0: skip).")] = 0,
+    match_tokens: Annotated[str | None, typer.Option(
+        "--match-tokens", help="Also train every other method on its ranking's prefix with this method's "
+                               "token total (rows labelled METHOD@REF-tokens).")] = None,
+    decontaminate: Annotated[bool, typer.Option(
+        "--decontaminate", help="Drop pool rows whose word 13-grams overlap a test row of the task (they "
+                                "are listed in compare.json either way).")] = False,
     shots: Shots = None,
     max_new_tokens: MaxNew = 256,
     generate: Generate = True,
@@ -205,13 +217,15 @@ def compare_cmd(
     quiet: Quiet = False,
     overwrite: Overwrite = False,
 ) -> None:
-    """Select with each method, fine-tune and evaluate each x seeds: one table like the paper's Table 1.
+    """Select with each method, fine-tune and evaluate each x seeds; pair the methods on the test rows.
 
-    Beside the metrics: selection cost (seconds, forward/backward passes) and the coreset's source mix
-    and mean token length. Writes OUT/compare.json and OUT/compare.md.
+    Per method: answer NLL, accuracy, selection cost and the coreset's source mix and length; per
+    pair of methods: the mean per-row difference with a 95% paired bootstrap interval (seeds
+    averaged per row). Writes OUT/compare.json, OUT/compare.md and OUT/rows/<task>.jsonl.gz after
+    every finished (task, method, seed); rerun the same command to resume.
     """
+    from ..comparison import compare
     from ..config import RuntimeConfig
-    from ..evaluation import compare
 
     config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
                               max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
@@ -220,9 +234,10 @@ def compare_cmd(
                               train_max_length=train_max_length, train_dtype=train_dtype,
                               micro_batch_tokens=micro_batch_tokens)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    summary = compare(task, pool, budget, method_list, out, seeds=seeds, model=model,
-                      selection_model=selection_model, recipe=recipe, config=config,
+    compare(task, pool, budget, method_list, out, seeds=seeds, model=model,
+                      selection_model=selection_model, recipe=recipe, config=config, lm_eval_limit=lm_eval_limit,
+                      match_tokens=match_tokens, decontaminate=decontaminate,
                       runtime=RuntimeConfig(device=device), baseline=baseline, progress=not quiet,
                       overwrite=overwrite)
-    typer.echo(summary["markdown"])
+    typer.echo((out / "compare.md").read_text(encoding="utf-8"))
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)

@@ -1,17 +1,17 @@
 """Evaluation harness: does a coreset make a better model?
 
-    from trim_select.evaluation import evaluate, compare
+    from trim_select.evaluation import evaluate
     evaluate(["bench/targets/gsm"], "out/eval", train="out/trim", seeds=3)       # fine-tune + score
-    compare(["bench/targets/gsm"], "pool.jsonl", "5%", ["trim", "random"], "out/cmp")  # Table 1
 
 Modules: :mod:`.tasks` (task folders, prompts), :mod:`.answers` (final-number exact match),
 :mod:`.inference` (chat encoding, continuation log-likelihood, greedy decoding), :mod:`.harness`
 (metrics of one model on one task), :mod:`.runner` (fine-tune per seed, aggregate, tables),
-:mod:`.compare` (methods x seeds).
+:mod:`.lm_eval_tasks` (task folders as lm-eval tasks), :mod:`.stats` (paired bootstrap),
+:mod:`.controls` (equal tokens, fill-up), :mod:`.decontamination`. Comparing selection methods
+is :mod:`trim_select.comparison`.
 """
 
 from .answers import exact_match, extract_number, numbers_match
-from .compare import available_methods, compare
 from .harness import EvalConfig, evaluate_model
 from .runner import evaluate, evaluation_recipe, train_and_evaluate
 from .tasks import Task, TaskRow, detect_kind, load_task
@@ -20,8 +20,6 @@ __all__ = [
     "EvalConfig",
     "Task",
     "TaskRow",
-    "available_methods",
-    "compare",
     "detect_kind",
     "evaluate",
     "evaluate_model",

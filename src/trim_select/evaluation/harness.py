@@ -21,8 +21,18 @@ import numpy as np
 
 from ..models import LoadedModel
 from .answers import extract_number, numbers_match
-from .inference import ChatEncoder, Encoded, continuation_logprobs, generate_greedy, shared_prefix_logprobs
+from .inference import (
+    ChatEncoder,
+    Encoded,
+    common_prompt_prefix,
+    continuation_logprobs,
+    generate_greedy,
+    prefix_cached_logprobs,
+    shared_prefix_logprobs,
+)
 from .tasks import DEFAULT_SHOTS, Task, TaskRow, gold_text, prompt_messages
+
+MIN_SHARED_PREFIX = 64  # tokens: below this the k-shot prefix is not worth a cached forward
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,7 @@ class EvalConfig:
     gen_batch_size: int = 16  # math: prompts per generate() call
     batch_tokens: int = 8192  # padded tokens per log-likelihood forward batch
     max_length: int = 2048  # prompt + answer; longer prompts lose their left end (oldest exemplars)
-    share_prefix: bool = True  # multiple choice: one prompt forward per question, its KV cache reused
+    share_prefix: bool = True  # the k-shot exemplars (else each question's prompt) run once, KV cache reused
     generate: bool = True  # math: greedy decoding for exact match (False: answer loss only, ~3x cheaper)
     # fine-tuned models keep the LoRA adapter unmerged: merging into bf16 weights rounds W + BA
     # element by element, noise of the order of the fine-tuning effect on the answer loss
@@ -76,7 +86,11 @@ def evaluate_mc(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[Tas
     prompts = [prompt_messages(row, "mc", exemplars) for row in rows]
     groups = [[enc.encode_answer(p, c) for c in row.choices] for p, row in zip(prompts, rows, strict=True)]
     items: list[Encoded] = [it for g in groups for it in g]
-    if config.share_prefix:
+    if config.share_prefix and common_prompt_prefix(items) >= MIN_SHARED_PREFIX:  # k-shot exemplars
+        bar = _bar(len(items), "choices", progress)
+        sums, counts = prefix_cached_logprobs(lm.model, items, batch_tokens=config.batch_tokens,
+                                              pad_id=_pad_id(lm.tokenizer), on_batch=bar.update)
+    elif config.share_prefix:
         bar = _bar(len(rows), "questions", progress)
         g_sums, g_counts = shared_prefix_logprobs(lm.model, groups, pad_id=_pad_id(lm.tokenizer),
                                                   on_group=bar.update)
@@ -123,8 +137,9 @@ def evaluate_math(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[T
     t0 = time.perf_counter()
     items = [enc.encode_answer(p, gold_text(row, "math")) for p, row in zip(prompts, rows, strict=True)]
     bar = _bar(len(items), "solution loss", progress)
-    sums, counts = continuation_logprobs(lm.model, items, batch_tokens=config.batch_tokens,
-                                         pad_id=_pad_id(lm.tokenizer), on_batch=bar.update)
+    score = prefix_cached_logprobs if config.share_prefix else continuation_logprobs
+    sums, counts = score(lm.model, items, batch_tokens=config.batch_tokens, pad_id=_pad_id(lm.tokenizer),
+                         on_batch=bar.update)
     bar.close()
     t_loss = time.perf_counter() - t0
     n = len(rows)

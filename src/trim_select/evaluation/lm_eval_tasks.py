@@ -190,7 +190,10 @@ def run_lm_eval(model: Any, tokenizer: Any, task: str | Path, *, limit: int | fl
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, num_fewshot=shots, limit=limit, log_samples=True,
             apply_chat_template=chat, fewshot_as_multiturn=chat,
-            task_manager=TaskManager(include_path=inc), bootstrap_iters=0,
+            # only local task folders: skip indexing lm-eval's thousands of built-in task YAMLs (minutes
+            # on a small CPU, every call)
+            task_manager=TaskManager(include_path=inc, include_defaults=not (kinds and len(kinds) == len(names))),
+            bootstrap_iters=0,
         )
     results = {t: {k: v for k, v in m.items() if k != "alias"} for t, m in out["results"].items()}
     samples = {t: [sample_row(s) for s in rows] for t, rows in out.get("samples", {}).items()}

@@ -1,0 +1,145 @@
+"""The selections ``compare`` trains on: TRIM for every task in one pool pass, the warmup shared by
+every task, the baselines, and the fairness controls applied to each coreset.
+
+- ``trim``: :class:`~trim_select.selector.TrimSelector` on the base model, all tasks' target sets
+  in one pool pass (:func:`~trim_select.engines.multi.run_many_in_process`; ``OUT/<task>/`` is what
+  a single-target ``select`` writes).
+- ``trim-warmup``: the same on the warmed model (``docs/SPEC.md`` "Warmup": LoRA on a seeded 5% of
+  the pool with the recipe of ``trim-select run``); the warmup is trained once per compare run
+  and also gives LESS its checkpoints. LESS without a warmup is refused: its features are the
+  warmup's Adam-preconditioned gradients, and a fresh LoRA is a different method.
+- baselines: :func:`trim_select.baselines.run_baseline`, one folder per (task, method[, seed]).
+
+Controls (:func:`training_rows`), applied to every method alike, in this order:
+
+1. ``decontaminate``: pool rows whose word 13-grams overlap a test row of the task
+   (:mod:`.decontamination`) leave the ranking;
+2. fill-up: a method whose filter leaves fewer rows than the budget (DSIR's ``min_words`` gives
+   ``-inf``) is filled with its next-ranked rows (DSIR: by importance weight), so every method
+   trains on the same number of rows;
+3. ``match_tokens``: every method's coreset is the prefix of its own ranking whose token total is
+   closest to the reference method's coreset (:func:`.controls.prefix_for_tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..config import RuntimeConfig, config_hash
+from ..data import Record
+from ..engines.multi import run_many_in_process
+from ..evaluation.controls import fill_to_budget, prefix_for_tokens
+from ..evaluation.tasks import Task
+from ..io import file_identity, write_json
+from ..locking import folder_lock
+from ..pipeline import PipelineConfig
+from ..selection import parse_budget, rank
+from ..selector import TrimSelector
+from ..warmup import warmup
+
+TRIM_METHODS: tuple[str, ...] = ("trim", "trim-warmup")
+WARMUP_METHODS: frozenset[str] = frozenset({"trim-warmup", "less"})
+FILL_COLUMNS: tuple[str, ...] = ("log_importance_weight", "gumbel")  # DSIR's score before the min_words filter
+
+
+def model_identity(spec: str | Path) -> dict[str, Any] | str:
+    """A model folder's content identity (a warmup adapter changes when the warmup is redone), else the spec."""
+    p = Path(spec)
+    return file_identity(p) if p.is_dir() else str(spec)
+
+
+def shared_warmup(pool: str | Path, out_dir: str | Path, model: str, *, pipeline: PipelineConfig | None = None,
+                  progress: bool = True, overwrite: bool = False) -> Path:
+    """The warmup of ``trim-select run`` (its fraction, seed and recipe), trained once; returns its folder."""
+    pipeline = pipeline if pipeline is not None else PipelineConfig()
+    warmup(pool, out_dir, model, pipeline.fraction, pipeline.seed, replace(pipeline.recipe, seed=pipeline.seed),
+           progress=progress, overwrite=overwrite)
+    return Path(out_dir)
+
+
+def trim_selections(tasks: Sequence[Task], pool: str | Path, budget: str, out_dir: str | Path, *, model: str | Path,
+                    runtime: RuntimeConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
+    """TRIM for every task in one pool pass: ``{task: OUT/<task>/}`` (skipped when done with these inputs)."""
+    out = Path(out_dir)
+    targets = {t.name: Path(t.path) / "val.jsonl" for t in tasks}
+    for path in targets.values():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: a task folder needs val.jsonl (the target set) for selection")
+    key = config_hash(runtime, {"model": model_identity(model), "pool": file_identity(pool), "budget": budget,
+                                "targets": {n: file_identity(p) for n, p in targets.items()}})
+    dirs = {n: out / n for n in targets}
+    marker = out / "selection.json"
+    if (marker.exists() and json.loads(marker.read_text()).get("key") == key
+            and all((d / "coreset.jsonl").exists() for d in dirs.values())):
+        return dirs
+    with folder_lock(out, "select"):
+        sel = TrimSelector(str(model), runtime=runtime, progress=progress)
+        report = run_many_in_process(sel, pool, out, {n: budget for n in targets}, targets, overwrite=overwrite)
+        report.write(out)
+    write_json(marker, {"key": key, "tasks": sorted(targets)})
+    return dirs
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """What one method trains on for one task after the controls, and how it got there."""
+
+    positions: np.ndarray  # pool positions, best first
+    info: dict[str, Any]
+
+    def records(self, pool_records: Sequence[Record]) -> list[Record]:
+        return [pool_records[int(i)] for i in self.positions]
+
+
+def ranking_of(sel_dir: str | Path, n_pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ranking best first over every pool position, positions the method itself would select).
+
+    Rows the method cannot select (``-inf``) come last, ordered by their score before the filter
+    where the method has one (DSIR's importance weight), so a fill-up takes the best of them."""
+    table = pq.read_table(Path(sel_dir) / "scores.parquet")
+    index = np.asarray(table.column("index").to_numpy(), dtype=np.int64)
+    if len(index) != n_pool or sorted(index.tolist()) != list(range(n_pool)):
+        raise ValueError(f"{sel_dir}/scores.parquet does not score every pool row once ({len(index)} of {n_pool})")
+    score = np.full(n_pool, -np.inf)
+    score[index] = np.asarray(table.column("score").to_numpy(), dtype=np.float64)
+    fill = np.zeros(n_pool)
+    for col in FILL_COLUMNS:
+        if col in table.column_names:
+            fill[index] += np.asarray(table.column(col).to_numpy(), dtype=np.float64)
+    finite = np.isfinite(score) | (score == np.inf)
+    own = rank(score)
+    own = own[finite[own]]
+    rest = np.flatnonzero(~finite)
+    rest = rest[rank(fill[rest])] if rest.size else rest
+    return np.concatenate([own, rest]).astype(np.int64), own
+
+
+def training_rows(ranking: np.ndarray, own: np.ndarray, budget: str, n_pool: int, tokens: np.ndarray, *,
+                  exclude: Sequence[int] = (), match_tokens: int | None = None) -> TrainingRows:
+    """The controls of the module docstring on one method's ranking (``tokens``: per pool row)."""
+    k = parse_budget(budget, n_pool)
+    drop = np.zeros(n_pool, dtype=bool)
+    drop[np.asarray(list(exclude), dtype=np.int64)] = True
+    ranking, own = ranking[~drop[ranking]], own[~drop[own]]
+    chosen = fill_to_budget(ranking, own[:k], k)
+    info: dict[str, Any] = {"budget_rows": k, "own_rows": int(min(len(own), k)),
+                            "filled": int(len(chosen) - min(len(own), k)), "excluded": int(drop.sum())}
+    if match_tokens is not None:
+        order = np.concatenate([chosen, ranking[~np.isin(ranking, chosen)]])
+        chosen = prefix_for_tokens(order, tokens, match_tokens)
+        info["matched_tokens"] = int(match_tokens)
+    info["rows"] = int(len(chosen))
+    info["tokens"] = int(np.asarray(tokens, dtype=np.int64)[chosen].sum())
+    return TrainingRows(positions=np.asarray(chosen, dtype=np.int64), info=info)
+
+
+def selection_dirs_by_method(dirs: Mapping[str, Mapping[str, Path]]) -> dict[str, dict[str, str]]:
+    """``{task: {label: folder}}`` as JSON-ready strings (for ``compare.json``)."""
+    return {task: {m: str(p) for m, p in by.items()} for task, by in dirs.items()}

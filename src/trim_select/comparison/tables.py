@@ -1,0 +1,123 @@
+"""``compare.json`` task entries and ``compare.md``: per-method means and paired intervals.
+
+A method's value of a metric is the mean over test rows of its per-row values, seeds averaged per
+row first (:func:`trim_select.evaluation.stats.seed_averaged`). Every pair of methods is compared
+on the same rows with the 95% paired bootstrap of :mod:`trim_select.evaluation.stats`, over the
+seeds every method compared has finished (a partial run says which); ``base`` (the untuned model,
+no seed) is paired with every method. For ``answer_nll`` lower is better, so ``a - b < 0`` with an
+interval below 0 means ``a`` is significantly better; for ``correct`` it is the other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..evaluation.stats import BootstrapConfig, pairwise, seed_averaged
+
+PAIRED_METRICS: tuple[str, ...] = ("answer_nll", "correct", "lm_eval_correct")
+BASE = "base"
+KEY_SOURCE: dict[str, str] = {"gsm": "cot"}  # the pool source that is in-domain for a task
+
+
+def common_seeds(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Seeds finished by every method that has any (``base`` excluded)."""
+    seeds: dict[str, set[Any]] = {}
+    for r in rows:
+        if r["method"] != BASE:
+            seeds.setdefault(r["method"], set()).add(r["seed"])
+    if not seeds:
+        return []
+    return sorted(set.intersection(*seeds.values()))
+
+
+def paired(rows: Sequence[Mapping[str, Any]], config: BootstrapConfig | None = None) -> dict[str, Any]:
+    """Every pair of methods on every metric the rows carry, over the common seeds."""
+    config = config if config is not None else BootstrapConfig()
+    seeds = common_seeds(rows)
+    use = [r for r in rows if r["method"] == BASE or r["seed"] in seeds]
+    out: dict[str, Any] = {"seeds": seeds, "pairs": {}}
+    for metric in PAIRED_METRICS:
+        have = [r for r in use if r.get(metric) is not None]
+        if len({r["method"] for r in have}) < 2:
+            continue
+        out["pairs"][metric] = pairwise(have, metric, config)
+    return out
+
+
+def method_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """``{method: {metric: mean over rows of the seed-averaged value}}`` (all seeds a method has)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for metric in PAIRED_METRICS:
+        have = [r for r in rows if r.get(metric) is not None]
+        if not have:
+            continue
+        for method, by_id in seed_averaged(have, metric).items():
+            out.setdefault(method, {})[metric] = float(np.mean(list(by_id.values())))
+    return out
+
+
+def _num(x: Any, digits: int = 0, scale: float = 1.0) -> str:
+    return "–" if x is None else f"{x * scale:,.{digits}f}"
+
+
+def _mix(shares: Mapping[str, float], key: str | None) -> str:
+    if not shares:
+        return "–"
+    if key is not None:
+        return f"{100 * shares.get(key, 0.0):.0f}% {key}"
+    top = max(shares, key=lambda s: (shares[s], s))
+    return f"{100 * shares[top]:.0f}% {top}"
+
+
+def task_markdown(name: str, t: Mapping[str, Any]) -> list[str]:
+    """One task: the method table, then the paired differences."""
+    key = KEY_SOURCE.get(name)
+    lm = f"; accuracy by lm-eval on the first {t['n_lm_eval']} of them" if t.get("n_lm_eval") else ""
+    lines = ["", f"## {name}", "",
+             f"Answer NLL and {'accuracy' if t['kind'] == 'mc' else 'exact match'} on {t['n_nll']} of "
+             f"{t['n_test']} test rows ({t['shots']}-shot){lm}. Seeds finished by every method: "
+             f"{t['paired']['seeds']}.", "",
+             "| method | seeds | train rows | train tokens | answer NLL | acc % | lm-eval % | "
+             f"{'in-domain' if key else 'top source'} | mean tokens | select s |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    means = t["means"]
+    for label, m in t["methods"].items():
+        v = means.get(label, {})
+        lines.append(f"| {label} | {len(m['seeds_done'])} | {_num(m['train']['rows'])} | "
+                     f"{_num(m['train']['tokens'])} | {_num(v.get('answer_nll'), 4)} | "
+                     f"{_num(v.get('correct'), 1, 100)} | {_num(v.get('lm_eval_correct'), 1, 100)} | "
+                     f"{_mix(m['profile']['sources'], key)} | {_num(m['profile']['mean_tokens'])} | "
+                     f"{_num(m['cost'].get('seconds'), 0)} |")
+    if BASE in means:
+        v = means[BASE]
+        lines.append(f"| base (untuned) | – | – | – | {_num(v.get('answer_nll'), 4)} | "
+                     f"{_num(v.get('correct'), 1, 100)} | {_num(v.get('lm_eval_correct'), 1, 100)} | – | – | – |")
+    for metric, pairs in t["paired"]["pairs"].items():
+        better = "a better when < 0" if metric == "answer_nll" else "a better when > 0"
+        lines += ["", f"Paired differences, {metric} ({better}; `*`: the 95% interval excludes 0):", "",
+                  "| a | b | mean(a - b) | 95% CI | rows | |", "|---|---|---:|---|---:|---|"]
+        scale = 1.0 if metric == "answer_nll" else 100.0
+        for r in pairs:
+            lines.append(f"| {r['a']} | {r['b']} | {r['mean_diff'] * scale:+.4f} | "
+                         f"[{r['low'] * scale:+.4f}, {r['high'] * scale:+.4f}] | {r['n']} | "
+                         f"{'*' if r['excludes_zero'] else ''} |")
+    return lines
+
+
+def compare_markdown(summary: Mapping[str, Any]) -> str:
+    """``compare.md``: the run's size and settings, then one section per task."""
+    r = summary["recipe"]
+    lines = ["# Method comparison", "",
+             f"Pool `{summary['pool']['path']}` ({summary['pool_profile']['rows']} rows, mean "
+             f"{summary['pool_profile']['mean_tokens']:.0f} tokens), budget {summary['budget']}, base model "
+             f"`{summary['model']}`, seeds {summary['seeds']}, methods {', '.join(summary['labels'])}. "
+             "Fine-tuning recipe (every method): "
+             + ", ".join(f"{k}={r[k]}" for k in ("epochs", "lr", "batch_size", "lora_r", "lora_alpha") if k in r)
+             + f". Controls: {summary['controls']}. Git {summary.get('git') or '–'}, machine "
+               f"{summary.get('machine') or '–'}. {'Complete.' if summary.get('complete') else 'PARTIAL run.'}"]
+    for name, t in summary["tasks"].items():
+        lines += task_markdown(name, t)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,162 @@
+"""``compare`` end to end on the tiny model: one TRIM pass for every task, controls, per-row
+results, paired intervals, lm-eval rows, incremental and resumable outputs."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from trim_select.comparison import compare
+from trim_select.comparison.selections import ranking_of, training_rows
+from trim_select.comparison.tables import paired
+from trim_select.config import RuntimeConfig
+from trim_select.evaluation import EvalConfig, evaluation_recipe
+
+MC_ROWS = [
+    {"id": "mc/0", "question": "Sasha helped her friend move the couch. How would her friend feel?",
+     "choices": ["grateful", "angry at the robot", "Yes"], "answer_index": 0},
+    {"id": "mc/1", "question": "The quick brown fox jumps. What does the dog do?",
+     "choices": ["sleeps on the mat", "paints landscapes"], "answer_index": 0},
+    {"id": "mc/2", "question": "Translate to French: Good morning.",
+     "choices": ["Bonjour", "No", "Maybe"], "answer_index": 0},
+]
+MATH_ROWS = [
+    {"id": "m/0", "question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+     "answer": "72", "solution": "In May she sold 48 / 2 = 24 clips.\n48 + 24 = 72\n#### 72"},
+    {"id": "m/1", "question": "Compute 3 + 4 * 2.", "answer": "11", "solution": "4 * 2 = 8\n3 + 8 = 11\n#### 11"},
+    {"id": "m/2", "question": "Weng earns 12 an hour for 5 hours. How much?", "answer": "60",
+     "solution": "12 * 5 = 60\n#### 60"},
+]
+POOL = [
+    ("cot", "How many clips did Natalia sell?", "48 + 24 = 72\n#### 72"),
+    ("ni", "Translate to French: Good morning.", "Bonjour"),
+    ("cot", "Compute 3 + 4 * 2.", "4 * 2 = 8\n#### 11"),
+    ("bigbench", "Is the statement true?\n\nOptions:\n- Yes\n- No", "Yes"),
+    ("ni", "Write a short story about a robot that learns to paint landscapes at night.",
+     "The robot learns to paint. It paints the sea, the hills and the town, and then it sleeps."),
+    ("gym", "Compute 2 + 2.", "4"),
+]
+RECIPE = {"epochs": 1, "batch_size": 4, "lora_r": 4, "lora_alpha": 8, "dtype": "float32"}
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_dir):
+    root = tmp_path / "tasks"
+    dirs = []
+    for name, rows in (("quiz", MC_ROWS), ("arith", MATH_ROWS)):
+        d = root / name
+        write_jsonl(d / "test.jsonl", rows)
+        write_jsonl(d / "dev.jsonl", rows[:1])
+        write_jsonl(d / "val.jsonl", [{"id": r["id"], "messages": [
+            {"role": "user", "content": r["question"]},
+            {"role": "assistant", "content": r.get("solution") or r["choices"][r["answer_index"]]}]} for r in rows])
+        dirs.append(d)
+    pool = write_jsonl(tmp_path / "pool.jsonl", [
+        {"id": f"p/{k}/{i}", "dataset": ds, "messages": [{"role": "user", "content": q},
+                                                        {"role": "assistant", "content": a}]}
+        for k in range(3) for i, (ds, q, a) in enumerate(POOL)])
+    kw = dict(seeds=2, model=str(tiny_dir), recipe=evaluation_recipe("cpu", **RECIPE),
+              config=EvalConfig(limit=None, max_new_tokens=8, device="cpu", dtype="float32", generate=False),
+              runtime=RuntimeConfig(device="cpu", dtype="float32"), progress=False)
+    return dirs, pool, kw
+
+
+def read_rows(path):
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_compare_pairs_every_method_on_the_same_rows_and_resumes(tmp_path, setup):
+    dirs, pool, kw = setup
+    out = tmp_path / "cmp"
+    summary = compare(dirs, pool, "4", ["trim", "bm25"], out, match_tokens="bm25", **kw)
+    assert summary["complete"] and summary["labels"] == ["trim", "bm25", "trim@bm25-tokens"]
+    top = json.loads((out / "select" / "trim" / "run.json").read_text())
+    assert sorted(top["targets"]) == ["arith", "quiz"] and top["cost"]["pool_passes"] == 1  # one pass, two tasks
+    for name, task in summary["tasks"].items():
+        rows = read_rows(out / "rows" / f"{name}.jsonl.gz")
+        n_test = 3
+        for label in summary["labels"]:
+            mine = [r for r in rows if r["method"] == label]
+            assert sorted({r["seed"] for r in mine}) == [0, 1] and len(mine) == 2 * n_test
+            assert all(r["answer_nll"] is not None and r["answer_nll"] > 0 for r in mine)
+            assert task["methods"][label]["seeds_done"] == [0, 1]
+        base = [r for r in rows if r["method"] == "base"]
+        assert len(base) == n_test and {r["id"] for r in base} == {r["id"] for r in rows}
+        pairs = {(p["a"], p["b"]): p for p in task["paired"]["pairs"]["answer_nll"]}
+        assert len(pairs) == 4 * 3 // 2 and all(p["n"] == n_test for p in pairs.values())
+        p = pairs[("bm25", "trim")]
+        by = {m: np.mean([[r["answer_nll"] for r in rows if r["method"] == m and r["id"] == i]
+                          for i in sorted({r["id"] for r in rows})], axis=1) for m in ("bm25", "trim")}
+        assert p["mean_diff"] == pytest.approx(float(np.mean(by["bm25"] - by["trim"])), abs=1e-9)
+        assert p["low"] <= p["mean_diff"] <= p["high"]
+        assert ("correct" in task["paired"]["pairs"]) == (task["kind"] == "mc")  # math: no decoding here
+        # equal tokens: trim's ranking cut where its token total is closest to bm25's coreset
+        ref = task["methods"]["bm25"]["train"]["tokens"]
+        info = task["methods"]["trim@bm25-tokens"]["train"]
+        assert info["matched_tokens"] == ref and info["rows"] >= 1
+        assert task["methods"]["trim"]["train"]["rows"] == 4
+        assert task["methods"]["trim"]["profile"]["sources"]
+    md = (out / "compare.md").read_text()
+    assert "Paired differences, answer_nll" in md and "| trim@bm25-tokens |" in md and "Complete." in md
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
+              and p.name not in {"compare.json", "compare.md"} and p.parent.name != "rows"}
+    again = compare(dirs, pool, "4", ["trim", "bm25"], out, match_tokens="bm25", **kw)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing selected, trained or scored again
+    assert again["tasks"]["quiz"]["paired"] == summary["tasks"]["quiz"]["paired"]
+
+
+def test_compare_scores_the_first_nll_rows_through_lm_eval_and_redraws_random_per_seed(tmp_path, setup):
+    dirs, pool, kw = setup
+    out = tmp_path / "cmp"
+    summary = compare(dirs[:1], pool, "4", ["random"], out, lm_eval_limit=2, **kw)
+    rows = read_rows(out / "rows" / "quiz.jsonl.gz")
+    assert len(rows) == 3 * 3  # base + 2 seeds, 3 test rows each
+    assert all((r["lm_eval_correct"] is not None) == (r["id"] in {"mc/0", "mc/1"}) for r in rows)
+    for r in rows:  # on rows both scored, lm-eval's accuracy is ours (argmax of the summed log-likelihood)
+        if r["lm_eval_correct"] is not None:
+            assert r["lm_eval_correct"] == r["correct"]
+    quiz = summary["tasks"]["quiz"]
+    assert quiz["n_lm_eval"] == 2 and "lm_eval_correct" in quiz["paired"]["pairs"]
+    picks = [(out / "select" / "quiz" / f"random-seed-{s}" / "coreset.jsonl").read_text() for s in (0, 1)]
+    assert picks[0] != picks[1] and len(quiz["methods"]["random"]["selections"]) == 2
+
+
+def test_fill_up_gives_a_filtered_method_the_full_budget_from_its_next_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "sel"
+    d.mkdir()
+    score = np.array([0.5, -np.inf, 2.0, -np.inf, 1.0])
+    weight = np.array([0.5, 9.0, 2.0, 3.0, 1.0])  # DSIR's importance weight before min_words
+    pq.write_table(pa.table({"index": np.arange(5), "id": [f"r{i}" for i in range(5)], "score": score,
+                             "log_importance_weight": weight}), d / "scores.parquet")
+    ranking, own = ranking_of(d, 5)
+    assert own.tolist() == [2, 4, 0] and ranking.tolist() == [2, 4, 0, 1, 3]
+    tokens = np.array([10, 20, 30, 40, 50])
+    rows = training_rows(ranking, own, "4", 5, tokens)
+    assert rows.positions.tolist() == [2, 4, 0, 1] and rows.info["filled"] == 1 and rows.info["tokens"] == 110
+    clean = training_rows(ranking, own, "3", 5, tokens, exclude=[4])  # decontaminated row leaves the ranking
+    assert clean.positions.tolist() == [2, 0, 1] and clean.info["excluded"] == 1
+    matched = training_rows(ranking, own, "3", 5, tokens, match_tokens=35)
+    assert matched.positions.tolist() == [2]  # 30 tokens is closer to 35 than 30 + 50
+
+
+def test_paired_uses_only_the_seeds_every_method_finished():
+    rows = [{"method": m, "seed": s, "id": f"r{i}", "answer_nll": 1.0 + i + (0.5 if m == "b" else 0.0) + s,
+             "correct": None, "lm_eval_correct": None}
+            for m, seeds in (("a", [0, 1]), ("b", [0])) for s in seeds for i in range(5)]
+    out = paired(rows)
+    assert out["seeds"] == [0]
+    (pair,) = out["pairs"]["answer_nll"]
+    assert (pair["a"], pair["b"]) == ("a", "b") and pair["mean_diff"] == pytest.approx(-0.5)
+    assert pair["excludes_zero"] and "correct" not in out["pairs"]
