@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from .common import BASELINE, LESS, RENDER, RUNTIME, console, friendly_errors
-from .core import BatchTok, Budget, Device, Format, MaxLen, Model, Overwrite, Pool, Quiet, Skip, Targets, Trust
+from .options import BatchTok, Budget, Device, Format, MaxLen, Model, Overwrite, Pool, Quiet, Skip, Targets, Trust
 
 Method = Annotated[str, typer.Option("--method", help="random|bm25|dsir|rds|less.")]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (scores.parquet, coreset.jsonl, run.json).")]

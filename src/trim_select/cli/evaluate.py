@@ -9,7 +9,7 @@ import typer
 
 from . import app
 from .common import console, friendly_errors
-from .core import Budget, Device, Model, Overwrite, Pool, Quiet
+from .options import Budget, Device, Model, Opt, Overwrite, Pool, Quiet, with_options
 
 Tasks = Annotated[list[Path], typer.Option(
     "--task", help="Task folder with test.jsonl (+ dev.jsonl exemplars, val.jsonl targets); repeatable.")]
@@ -54,6 +54,16 @@ LmEvalInclude = Annotated[Path | None, typer.Option(
 MicroTok = Annotated[int, typer.Option("--micro-batch-tokens", help="Padded tokens per forward/backward.")]
 
 
+# what evaluate and compare share: how tasks are scored and the fine-tuning recipe (CPU-sized defaults)
+EVAL = [Opt("limit", Limit, None), Opt("limit_seed", LimitSeed, 0), Opt("shots", Shots, None),
+        Opt("max_new_tokens", MaxNew, 256), Opt("generate", Generate, True), Opt("merge_adapter", Merge, False),
+        Opt("gen_batch_size", GenBatch, 16), Opt("batch_tokens", EvalBatchTok, 8192), Opt("epochs", Epochs, 2),
+        Opt("lr", Lr, 1e-4), Opt("batch_size", BatchSize, 8), Opt("lora_r", LoraR, 16),
+        Opt("lora_alpha", LoraAlpha, 64), Opt("lora_dropout", LoraDropout, 0.1),
+        Opt("train_max_length", TrainMaxLen, 2048), Opt("train_dtype", TrainDtype, "auto"),
+        Opt("micro_batch_tokens", MicroTok, 4096), Opt("device", Device, "auto"), Opt("dtype", EvalDtype, "auto")]
+
+
 def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, shots: int | None,
              max_new_tokens: int, generate: bool, merge_adapter: bool, gen_batch_size: int,
              batch_tokens: int, epochs: int, lr: float, batch_size: int, lora_r: int, lora_alpha: int,
@@ -79,6 +89,7 @@ def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, sho
 
 @app.command("evaluate")
 @friendly_errors
+@with_options(EVAL)
 def evaluate_cmd(
     task: Tasks,
     train: Annotated[Path | None, typer.Option(
@@ -91,28 +102,10 @@ def evaluate_cmd(
     baseline: Baseline = True,
     baseline_model: Annotated[list[str] | None, typer.Option(
         "--baseline-model", help="Another untuned model to score as a reference row; repeatable.")] = None,
-    limit: Limit = None,
-    limit_seed: LimitSeed = 0,
-    shots: Shots = None,
-    max_new_tokens: MaxNew = 256,
-    generate: Generate = True,
-    merge_adapter: Merge = False,
-    gen_batch_size: GenBatch = 16,
-    batch_tokens: EvalBatchTok = 8192,
-    epochs: Epochs = 2,
-    lr: Lr = 1e-4,
-    batch_size: BatchSize = 8,
-    lora_r: LoraR = 16,
-    lora_alpha: LoraAlpha = 64,
-    lora_dropout: LoraDropout = 0.1,
-    train_max_length: TrainMaxLen = 2048,
-    train_dtype: TrainDtype = "auto",
-    micro_batch_tokens: MicroTok = 4096,
-    device: Device = "auto",
-    dtype: EvalDtype = "auto",
     lm_eval_task: LmEvalTask = None,
     lm_eval_include: LmEvalInclude = None,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """LoRA-fine-tune the model on a coreset (per seed) and score task folders; base model as reference.
 
@@ -121,12 +114,7 @@ def evaluate_cmd(
     """
     from ..evaluation import evaluate
 
-    config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
-                              gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
-                              batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                              train_max_length=train_max_length, train_dtype=train_dtype,
-                              micro_batch_tokens=micro_batch_tokens)
+    config, recipe = _configs(**options)
     if seeds < 0:
         raise typer.BadParameter("--seeds must be >= 0")
     if out is None:
@@ -169,6 +157,7 @@ def _lm_eval(tasks: list[str], include: Path | None, out: Path, *, model: str, b
 
 @app.command("compare")
 @friendly_errors
+@with_options(EVAL)
 def compare_cmd(
     task: Tasks,
     pool: Pool,
@@ -183,27 +172,9 @@ def compare_cmd(
         "--selection-model", help="Model that selects (default: --model). A warmup folder gives TRIM its "
                                   "final adapter and LESS its checkpoints.")] = None,
     baseline: Baseline = True,
-    limit: Limit = None,
-    limit_seed: LimitSeed = 0,
-    shots: Shots = None,
-    max_new_tokens: MaxNew = 256,
-    generate: Generate = True,
-    merge_adapter: Merge = False,
-    gen_batch_size: GenBatch = 16,
-    batch_tokens: EvalBatchTok = 8192,
-    epochs: Epochs = 2,
-    lr: Lr = 1e-4,
-    batch_size: BatchSize = 8,
-    lora_r: LoraR = 16,
-    lora_alpha: LoraAlpha = 64,
-    lora_dropout: LoraDropout = 0.1,
-    train_max_length: TrainMaxLen = 2048,
-    train_dtype: TrainDtype = "auto",
-    micro_batch_tokens: MicroTok = 4096,
-    device: Device = "auto",
-    dtype: EvalDtype = "auto",
     quiet: Quiet = False,
     overwrite: Overwrite = False,
+    **options: Any,
 ) -> None:
     """Select with each method, fine-tune and evaluate each x seeds: one table like the paper's Table 1.
 
@@ -213,16 +184,11 @@ def compare_cmd(
     from ..config import RuntimeConfig
     from ..evaluation import compare
 
-    config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
-                              gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
-                              batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                              train_max_length=train_max_length, train_dtype=train_dtype,
-                              micro_batch_tokens=micro_batch_tokens)
+    config, recipe = _configs(**options)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     summary = compare(task, pool, budget, method_list, out, seeds=seeds, model=model,
                       selection_model=selection_model, recipe=recipe, config=config,
-                      runtime=RuntimeConfig(device=device), baseline=baseline, progress=not quiet,
+                      runtime=RuntimeConfig(device=options["device"]), baseline=baseline, progress=not quiet,
                       overwrite=overwrite)
     typer.echo(summary["markdown"])
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)
