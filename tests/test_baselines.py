@@ -319,3 +319,22 @@ def test_dsir_never_selects_examples_shorter_than_min_words(files, tmp_path):
     assert 0 < short.sum() < len(table) and report["counts"]["minus_inf"] == short.sum()
     assert not table.loc[short, "selected"].any() and table.loc[~short, "selected"].all()
     assert report["counts"]["selected"] == (~short).sum()  # fewer than the budget: nothing else is eligible
+
+
+def test_baseline_run_json_has_the_counts_and_config_layout_of_select(files, tiny, tiny_dir, tmp_path):
+    from trim_select.selector import TrimSelector
+
+    TrimSelector(tiny, progress=False).run(files["pool"], tmp_path / "trim", 4, targets=files["one"])
+    trim = json.loads((tmp_path / "trim" / "run.json").read_text())
+    for method in ("bm25", "rds"):
+        _run(method, files, tiny_dir, tmp_path / method)
+        run = json.loads((tmp_path / method / "run.json").read_text())
+        assert list(run["counts"]) == list(trim["counts"])
+        for key in ("pool_rows", "scored", "rejected", "blank_lines", "duplicate_ids", "selected"):
+            assert run["counts"][key] == trim["counts"][key], key
+        assert run["counts"]["truncated"] is None and run["counts"]["pool_tokens"] is None  # not measured
+        assert run["read_stats"]["targets"]["records"] == 1
+    # a model-based baseline records render and runtime where select does, its own settings beside them
+    assert {"method", "seed", "model", "render", "runtime"} <= set(run["config"])
+    assert set(run["config"]["render"]) == set(trim["config"]["render"])
+    assert set(run["config"]["runtime"]) == set(trim["config"]["runtime"])
