@@ -338,3 +338,25 @@ def test_baseline_run_json_has_the_counts_and_config_layout_of_select(files, tin
     assert {"method", "seed", "model", "render", "runtime"} <= set(run["config"])
     assert set(run["config"]["render"]) == set(trim["config"]["render"])
     assert set(run["config"]["runtime"]) == set(trim["config"]["runtime"])
+
+
+def test_cli_baseline_flags_fill_the_method_config(files, tmp_path):
+    from typer.testing import CliRunner
+
+    from trim_select.cli import app
+
+    common = ["--pool", str(files["pool"]), "--targets", str(files["two"]), "--budget", "2", "--quiet"]
+    res = CliRunner().invoke(app, ["baseline", "--method", "bm25", "--out", str(tmp_path / "bm25"), *common,
+                                   "--bm25-k1", "1.2", "--bm25-b", "0.5", "--bm25-stopwords", "none",
+                                   "--bm25-aggregate", "mean"])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "bm25" / "run.json").read_text())["config"]["method"]
+    assert got == {**got, "k1": 1.2, "b": 0.5, "stopwords": None, "aggregate": "mean"}
+    res = CliRunner().invoke(app, ["baseline", "--method", "dsir", "--out", str(tmp_path / "dsir"), *common,
+                                   "--dsir-ngrams", "1", "--dsir-buckets", "77", "--dsir-resample",
+                                   "--dsir-min-words", "1", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "dsir" / "run.json").read_text())
+    assert run["config"]["method"] == {**run["config"]["method"], "ngrams": 1, "num_buckets": 77, "resample": True,
+                                       "min_words": 1, "num_proc": 1}
+    assert run["seed"] == 3 and run["config"]["seed"] == 3

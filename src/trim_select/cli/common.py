@@ -14,14 +14,13 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..baselines import BaselineConfig, LESSConfig
 from ..config import SCOPES, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
 
 console = Console(stderr=True)
 
 # Defaults read once from the config dataclasses (written once there; the options: cli/options.py).
-RENDER, RUNTIME, BASELINE, LESS = RenderConfig(), RuntimeConfig(), BaselineConfig(), LESSConfig()
-__all__ = ["BASELINE", "LESS", "RENDER", "RUNTIME", "build_configs", "check_scope", "console", "friendly_errors",
+RENDER, RUNTIME = RenderConfig(), RuntimeConfig()
+__all__ = ["RENDER", "RUNTIME", "build_configs", "check_scope", "console", "friendly_errors",
            "parse_penalty"]
 _FIELDS = {cls: {f.name for f in fields(cls)} for cls in (RenderConfig, FingerprintConfig, ScoreConfig,
                                                           RuntimeConfig)}

@@ -25,27 +25,30 @@ FIELD_OPTIONS: dict[int, tuple[type, str]] = {}
 _UNSET: Any = object()
 
 
-def field_option(cls: type, name: str, *flags: str) -> OptionInfo:
-    """A ``typer.Option`` for field ``name`` of ``cls``: its help is the field's documentation; the
-    flag is ``--name-with-dashes`` unless ``flags`` are given."""
-    info = typer.Option(*(flags or (f"--{name.replace('_', '-')}",)), help=field_doc(cls, name))
+def field_option(cls: type, name: str, *flags: str, prefix: str = "") -> OptionInfo:
+    """A ``typer.Option`` for field ``name`` of ``cls``: its help is the field's documentation (after
+    ``prefix``, e.g. the method it is for); the flag is ``--name-with-dashes`` unless ``flags`` are given."""
+    info = typer.Option(*(flags or (f"--{name.replace('_', '-')}",)), help=prefix + field_doc(cls, name))
     FIELD_OPTIONS[id(info)] = (cls, name)
     return info
 
 
 @dataclass(frozen=True)
 class Opt:
-    """One command-line parameter: its Python name, ``Annotated`` type and default."""
+    """One command-line parameter: its Python name, ``Annotated`` type and default (and the config
+    field it fills, for those built from one)."""
 
     name: str
     annotation: Any
     default: Any = inspect.Parameter.empty
+    field: str | None = None
 
 
-def field_opt(cls: type, name: str, tp: Any, *flags: str, param: str | None = None, default: Any = _UNSET) -> Opt:
+def field_opt(cls: type, name: str, tp: Any, *flags: str, param: str | None = None, default: Any = _UNSET,
+              prefix: str = "") -> Opt:
     """The parameter of a config field, default read from ``cls()`` unless given (e.g. as a string)."""
     value = getattr(cls(), name) if default is _UNSET else default
-    return Opt(param or name, Annotated[tp, field_option(cls, name, *flags)], value)
+    return Opt(param or name, Annotated[tp, field_option(cls, name, *flags, prefix=prefix)], value, name)
 
 
 def with_options(*groups: Sequence[Opt]) -> Callable[[F], F]:
