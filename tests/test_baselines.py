@@ -329,3 +329,44 @@ def test_dsir_never_selects_examples_shorter_than_min_words(files, tmp_path):
     assert 0 < short.sum() < len(table) and report["counts"]["minus_inf"] == short.sum()
     assert not table.loc[short, "selected"].any() and table.loc[~short, "selected"].all()
     assert report["counts"]["selected"] == (~short).sum()  # fewer than the budget: nothing else is eligible
+
+
+def test_baseline_run_json_has_the_counts_and_config_layout_of_select(files, tiny, tiny_dir, tmp_path):
+    from trim_select.selector import TrimSelector
+
+    TrimSelector(tiny, progress=False).run(files["pool"], tmp_path / "trim", 4, targets=files["one"])
+    trim = json.loads((tmp_path / "trim" / "run.json").read_text())
+    for method in ("bm25", "rds"):
+        _run(method, files, tiny_dir, tmp_path / method)
+        run = json.loads((tmp_path / method / "run.json").read_text())
+        assert list(run["counts"]) == list(trim["counts"])
+        for key in ("pool_rows", "scored", "rejected", "blank_lines", "duplicate_ids", "selected"):
+            assert run["counts"][key] == trim["counts"][key], key
+        assert run["counts"]["truncated"] is None and run["counts"]["pool_tokens"] is None  # not measured
+        assert run["read_stats"]["targets"]["records"] == 1
+    # a model-based baseline records render and runtime where select does, its own settings beside them
+    assert {"method", "seed", "model", "render", "runtime"} <= set(run["config"])
+    assert set(run["config"]["render"]) == set(trim["config"]["render"])
+    assert set(run["config"]["runtime"]) == set(trim["config"]["runtime"])
+
+
+def test_cli_baseline_flags_fill_the_method_config(files, tmp_path):
+    from typer.testing import CliRunner
+
+    from trim_select.cli import app
+
+    common = ["--pool", str(files["pool"]), "--targets", str(files["two"]), "--budget", "2", "--quiet"]
+    res = CliRunner().invoke(app, ["baseline", "--method", "bm25", "--out", str(tmp_path / "bm25"), *common,
+                                   "--bm25-k1", "1.2", "--bm25-b", "0.5", "--bm25-stopwords", "none",
+                                   "--bm25-aggregate", "mean"])
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "bm25" / "run.json").read_text())["config"]["method"]
+    assert got == {**got, "k1": 1.2, "b": 0.5, "stopwords": None, "aggregate": "mean"}
+    res = CliRunner().invoke(app, ["baseline", "--method", "dsir", "--out", str(tmp_path / "dsir"), *common,
+                                   "--dsir-ngrams", "1", "--dsir-buckets", "77", "--dsir-resample",
+                                   "--dsir-min-words", "1", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((tmp_path / "dsir" / "run.json").read_text())
+    assert run["config"]["method"] == {**run["config"]["method"], "ngrams": 1, "num_buckets": 77, "resample": True,
+                                       "min_words": 1, "num_proc": 1}
+    assert run["seed"] == 3 and run["config"]["seed"] == 3

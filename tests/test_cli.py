@@ -1,6 +1,7 @@
 """`trim-select select | fingerprint | score` end to end on the tiny model."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -141,3 +142,41 @@ def test_empty_target_file_is_a_clear_error(tiny_dir, files, tmp_path):
                                    "--out", str(tmp_path / "o"), "--model", str(tiny_dir), "--dtype", "float32"])
     assert res.exit_code == 2
     assert "target set is empty" in res.output
+
+
+def _help_text(command: str) -> str:
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert result.exit_code == 0, result.output
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+
+
+def test_every_option_built_from_a_config_field_shows_the_field_doc_in_help():
+    import inspect
+    import typing
+
+    from trim_select.cli.options import FIELD_OPTIONS
+    from trim_select.config import FingerprintConfig, ScoreConfig, field_doc
+    from trim_select.training.lora import LoraRecipe
+
+    seen: set[tuple[type, str]] = set()
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        text = _help_text(name)
+        for param in inspect.signature(command.callback, eval_str=True).parameters.values():
+            for info in typing.get_args(param.annotation)[1:]:
+                if id(info) in FIELD_OPTIONS:
+                    cls, field = FIELD_OPTIONS[id(info)]
+                    doc = " ".join(field_doc(cls, field).split())
+                    assert doc in text, f"`{name} --help` lacks the doc of {cls.__name__}.{field} ({param.name})"
+                    seen.add((cls, field))
+    # every Stage I/II field and the Table 7 recipe are options, so each was checked somewhere
+    assert {(FingerprintConfig, "layers"), (ScoreConfig, "coverage_weight"), (LoraRecipe, "lora_r")} <= seen
+    assert len(seen) >= 30
+
+
+def test_options_read_their_default_from_the_config_dataclass():
+    from trim_select.config import FingerprintConfig, ScoreConfig
+
+    text = _help_text("select")
+    assert re.search(rf"--coverage-weight \S+ eta \(Eq\. 15\)\. \[default: {ScoreConfig().coverage_weight}\]", text)
+    assert re.search(rf"--layers \S+ L: attention .*? \[default: {FingerprintConfig().layers}\]", text)

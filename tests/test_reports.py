@@ -209,3 +209,48 @@ def test_cli_report_on_a_folder_without_scores_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "no scores.parquet" in result.output
+
+
+SCRIPT = '<script>alert("pwned")</script>'
+
+
+def test_pool_text_with_a_script_tag_is_escaped_in_previews_and_token_view(runs, tmp_path):
+    rows = [json.loads(line) for line in runs["pool"].read_text(encoding="utf-8").splitlines()]
+    for row in rows:
+        row["messages"][0]["content"] = SCRIPT + " " + row["messages"][0]["content"]
+        row["task"] = "<script>task</script>"
+    pool = _write_jsonl(tmp_path / "pool.jsonl", rows)
+    res = build_report([runs["trim"]], tmp_path / "r", ReportConfig(targets=runs["targets"], pool=pool,
+                                                                    n_examples=1))
+    page = res.html.read_text(encoding="utf-8")
+    assert "<script" not in page  # the page itself has none: every one came from the pool
+    assert html.escape(SCRIPT, quote=True) in page  # the preview shows it as text
+    assert "&lt;script&gt;task&lt;/script&gt;" in page
+    # the token view's own markup stays markup (coloured spans), the tokens inside are text
+    assert "<span class='tok" in page and "&lt;span" not in page
+    assert "title='s_j=" in page and re.search(r">[^<]*&lt;[^<]*</span>", page)
+
+
+def test_report_templates_ship_as_package_data():
+    import tomllib
+    from fnmatch import fnmatch
+
+    import trim_select.reports
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["trim_select"]
+    root = Path(trim_select.reports.__file__).parent
+    shipped = sorted((root / "templates").iterdir())
+    assert {p.name for p in shipped} >= {"report.html.j2", "token_view.html.j2", "macros.html.j2", "report.css"}
+    for path in shipped:
+        rel = path.relative_to(root.parent).as_posix()
+        assert any(fnmatch(rel, pat) for pat in patterns), f"{rel} is not package data in pyproject.toml"
+    assert "jinja2" in {d.split("==")[0].lower() for d in pyproject["project"]["dependencies"]}
+
+
+def test_report_templates_escape_every_value():
+    from trim_select.reports.html import ENV, Table
+
+    macros = ENV.get_template("macros.html.j2").module
+    out = str(macros.table(Table(["<h>"], [["<td>&'\""], [1234]], [False])))
+    assert "<th>&lt;h&gt;</th>" in out and "<td>&lt;td&gt;&amp;&#x27;&quot;</td>" in out and "<td>1,234</td>" in out

@@ -1,7 +1,8 @@
 """Configuration objects: frozen dataclasses, one per stage, serialisable to JSON.
 
 The CLI only parses arguments into these; the library functions take them (or their fields).
-Defaults are the paper's (docs/SPEC.md) unless a field's comment says otherwise.
+Defaults are the paper's (docs/SPEC.md) unless a field's documentation says otherwise; each field's
+default and documentation are written once, with :func:`documented` (the CLI's ``--help``).
 """
 
 from __future__ import annotations
@@ -18,21 +19,38 @@ SCOPES: tuple[str, ...] = ("all", "prompt", "response")
 WARMUP_FRACTION = 0.05  # gamma: share of the pool the warmup trains on (SPEC "Warmup"; Table 7)
 
 
+def documented(default: Any, doc: str) -> Any:
+    """A dataclass field with its default and its documentation, both written once: the CLI builds
+    each option's ``--help`` from ``doc`` (``cli/options.py``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+def field_doc(cls: type, name: str) -> str:
+    """The documentation of field ``name`` of config dataclass ``cls`` (KeyError if it has none)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata["doc"]
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
 @dataclass(frozen=True)
 class RenderConfig:
     """How records become token sequences (``data`` module)."""
 
-    format: str | None = None  # None: auto-detect per file
-    max_length: int = 2048
-    scope: Scope = "all"
+    format: str | None = documented(None, "messages|sharegpt|alpaca|prompt_response|text (default: auto-detect "
+                                          "per file).")
+    max_length: int = documented(2048, "Truncate sequences to this many tokens (scope-aware).")
+    scope: Scope = documented("all", "Tokens that are fingerprinted and scored: all|prompt|response.")
     # Template scaffolding = rendered tokens that belong to no message's content (role headers, a
     # default system prompt injected by the chat template). The exact spec scores them under scope
     # "all"; they are identical in every example, so their hidden states match the fingerprints
     # perfectly: the max term saturates at 1 for every example and the mean favours short
     # examples (README "Why plain TRIM picks short examples"). Our default scores message content
     # only; score_template=True reproduces the exact spec.
-    score_template: bool = False
-    chat_template: bool | None = None  # None: use the tokenizer's chat template when it has one
+    score_template: bool = documented(
+        False, "With --scope all: --score-template also scores chat-template scaffolding (role headers, default "
+               "system prompt) as the exact spec does; the default --content-only scores message content only.")
+    chat_template: bool | None = documented(None, "Use the tokenizer's chat template (default: when it has one).")
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
@@ -45,9 +63,9 @@ class RenderConfig:
 class FingerprintConfig:
     """Stage I (Eq. 1-9)."""
 
-    layers: int = 6  # L: last L layers (all if the model has fewer)
-    row_weight: float = 0.5  # w_Q, Eq. 7
-    col_weight: float = 0.5  # w_K, Eq. 7
+    layers: int = documented(6, "L: attention of the last L layers (Eq. 3, 5); all if the model has fewer.")
+    row_weight: float = documented(0.5, "w_Q (Eq. 7).")
+    col_weight: float = documented(0.5, "w_K (Eq. 7).")
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -58,11 +76,12 @@ class FingerprintConfig:
 class ScoreConfig:
     """Stage II (Eq. 10-15)."""
 
-    penalty: float | None = 1.0  # lambda for unseen token classes; None: unseen tokens are not scored
-    mean_weight: float = 0.5  # w_mu
-    max_weight: float = 0.5  # w_m
-    coverage_weight: float = 0.05  # eta
-    idf: bool = False  # extension: IDF-weighted mean term (off in the paper)
+    penalty: float | None = documented(1.0, "lambda for unseen token classes (Eq. 12), or 'none': unseen "
+                                            "tokens are not scored.")
+    mean_weight: float = documented(0.5, "w_mu (Eq. 15).")
+    max_weight: float = documented(0.5, "w_m (Eq. 15).")
+    coverage_weight: float = documented(0.05, "eta (Eq. 15).")
+    idf: bool = documented(False, "Extension: IDF-weighted mean term (off in the paper).")
 
     def __post_init__(self) -> None:
         if self.penalty is not None and not 0.0 < self.penalty <= 1.0:
@@ -73,17 +92,20 @@ class ScoreConfig:
 class RuntimeConfig:
     """Where and how fast forward passes run. Never changes results beyond float rounding."""
 
-    device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 on GPUs/CPUs that support it, else float32
-    batch_tokens: int = 16384  # padded tokens per forward batch
-    max_batch_size: int = 256
-    chunk_size: int = 2048  # sequences per scoring chunk (unit of resume and of sorting)
-    compile: bool = False  # torch.compile the base model
-    trust_remote_code: bool = False
+    device: str = documented("auto", "auto|cpu|cuda|cuda:N (auto: cuda if available, else cpu).")
+    dtype: str = documented("auto", "auto|float32|bfloat16|float16 (auto: bf16 on GPUs/CPUs that support it, "
+                                    "else float32).")
+    batch_tokens: int = documented(16384, "Padded tokens per forward batch (bounds memory).")
+    max_batch_size: int = documented(256, "Sequences per forward batch at most.")
+    chunk_size: int = documented(2048, "Examples per resumable scoring chunk (the unit of resume and of "
+                                       "length sorting).")
+    compile: bool = documented(False, "torch.compile the base model.")
+    trust_remote_code: bool = documented(False, "Allow model code from the model folder.")
     # Stage II forward without the padding mask where exact (right padding, plain causal full
     # attention: batching.padding_mask_free); False always passes the mask. Same hidden states.
-    mask_free: bool = True
-    tokenizer_workers: int = 0  # processes rendering + tokenising the pool; 0: in the calling process
+    mask_free: bool = documented(True, "Stage II forward without the padding mask where that is exact.")
+    tokenizer_workers: int = documented(0, "Processes rendering and tokenising the pool; 0: in the calling "
+                                           "process.")
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 1 or self.max_batch_size < 1 or self.chunk_size < 1:

@@ -130,6 +130,23 @@ def output_digests(pool: str | Path, fingerprints: Mapping[str, Any], scored_poo
             "coreset.jsonl": {"pool": _digest_of(file_identity(pool))} if coreset else None}
 
 
+def selection_counts(pool_stats: Mapping[str, Any], scores: np.ndarray, chosen: np.ndarray) -> dict[str, Any]:
+    """``run.json`` ``counts``, one layout for TRIM and every baseline: pool rows read, scored, rejected,
+    blank lines, duplicate ids, truncated, unscorable (−inf), selected, pool tokens. A count the run
+    did not measure (``truncated``/``tokens`` given as None in ``pool_stats``) is null."""
+    return {
+        "pool_rows": pool_stats.get("rows"),
+        "scored": int(len(scores)),
+        "rejected": pool_stats.get("rejected", 0),
+        "blank_lines": pool_stats.get("blank_lines", 0),
+        "duplicate_ids": pool_stats.get("duplicate_ids", 0),
+        "truncated": pool_stats.get("truncated", 0),
+        "minus_inf": int(np.isneginf(scores).sum()),
+        "selected": int(len(chosen)),
+        "pool_tokens": pool_stats.get("tokens"),
+    }
+
+
 def select_report(*, pool: str | Path, budget: Any, table: pa.Table, chosen: np.ndarray,
                   stats: Mapping[str, Any], config: Mapping[str, Any], model: Mapping[str, Any],
                   fingerprints: Mapping[str, Any], timings: Mapping[str, float],
@@ -143,17 +160,7 @@ def select_report(*, pool: str | Path, budget: Any, table: pa.Table, chosen: np.
         "pool": file_identity(pool),
         "digests": output_digests(pool, fingerprints, scored_pool, coreset=budget is not None),
         "budget": budget,
-        "counts": {
-            "pool_rows": pool_stats.get("rows"),
-            "scored": int(len(scores)),
-            "rejected": pool_stats.get("rejected", 0),
-            "blank_lines": pool_stats.get("blank_lines", 0),
-            "duplicate_ids": pool_stats.get("duplicate_ids", 0),
-            "truncated": pool_stats.get("truncated", 0),
-            "minus_inf": int(np.isneginf(scores).sum()),
-            "selected": int(len(chosen)),
-            "pool_tokens": pool_stats.get("tokens"),
-        },
+        "counts": selection_counts(pool_stats, scores, chosen),
         "read_stats": dict(stats),
         "config": dict(config),
         "model": dict(model),

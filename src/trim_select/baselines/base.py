@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import RenderConfig, RuntimeConfig
+from ..config import RenderConfig, RuntimeConfig, documented
 from ..data import Record
 
 
@@ -24,9 +24,11 @@ from ..data import Record
 class BaselineConfig:
     """Settings shared by every baseline (the method's own settings live in its config class)."""
 
-    seed: int = 0
+    seed: int = documented(0, "random: the sample; dsir --dsir-resample: the Gumbel noise; less: projection and "
+                              "fresh-LoRA init.")
     model: str = "default"  # 'default', a HF folder, or a warmup folder with checkpoints/
-    checkpoints: str = "all"  # warmup checkpoints to use: all | last | comma-separated steps
+    checkpoints: str = documented("all", "rds/less with a warmup folder as --model: all|last|STEP,STEP "
+                                         "(LR-weighted).")
     render: RenderConfig = RenderConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

@@ -13,16 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import documented
 from .base import BaselineInputs, BaselineScores, SelectionCost, record_text, register
 
 
 @dataclass(frozen=True)
 class BM25Config:
-    k1: float = 1.5
-    b: float = 0.75
+    k1: float = documented(1.5, "Term-frequency saturation k1.")
+    b: float = documented(0.75, "Length normalisation b.")
     variant: str = "lucene"  # bm25s method: robertson | lucene | atire | bm25l | bm25+
-    stopwords: str | None = "en"  # bm25s stopword list; None keeps every word
-    aggregate: str = "max"  # over target queries: max | mean
+    stopwords: str | None = documented("en", "bm25s stopword list (en, ..., none: keep every word).")
+    aggregate: str = documented("max", "Over the target queries: max|mean.")
 
     def __post_init__(self) -> None:
         if self.aggregate not in ("max", "mean"):

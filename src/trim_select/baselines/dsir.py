@@ -29,18 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from ..config import documented
 from ..io import atomic_path
 from .base import BaselineInputs, BaselineScores, SelectionCost, record_text, register
 
 
 @dataclass(frozen=True)
 class DSIRConfig:
-    ngrams: int = 2  # 2: unigrams and bigrams (package default)
-    num_buckets: int = 10000  # hash buckets (package default)
+    ngrams: int = documented(2, "n-gram order (2: unigrams and bigrams; package default).")
+    num_buckets: int = documented(10000, "Hash buckets (package default).")
     tokenizer: str = "wordpunct"  # wordpunct | word_tokenize (package options)
-    resample: bool = False  # False: top-k by weight; True: seeded Gumbel top-k (importance resampling)
-    min_words: int = 100  # package's min_example_length (its default); shorter examples are never selected
-    num_proc: int = 1  # processes for featurisation (joblib); results do not depend on it
+    resample: bool = documented(False, "Seeded importance resampling (Gumbel top-k) instead of top-k by weight.")
+    min_words: int = documented(100, "Never select examples with fewer words (the package's min_example_length "
+                                     "and its default).")
+    num_proc: int = documented(1, "Featurisation processes (joblib; results do not depend on it).")
 
     def __post_init__(self) -> None:
         if self.ngrams < 1 or self.num_buckets < 1 or self.num_proc < 1:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import RenderConfig
+from ..config import RenderConfig, documented
 from ..data import Renderer, TokenSequence
 from ..models import (
     adapter_tokenizer_source,
@@ -61,21 +61,24 @@ from .projection import KINDS, Projector
 
 @dataclass(frozen=True)
 class LESSConfig:
-    proj_dim: int = 8192  # LESS's projection dimension
-    projection: str = "auto"  # auto | rademacher | gaussian | sjlt (see projection.py)
-    lora_r: int = 128  # fresh LoRA only (a checkpoint brings its own adapter)
-    lora_alpha: int = 512
+    proj_dim: int = documented(8192, "Projection dimension (LESS's).")
+    projection: str = documented("auto", "auto|rademacher|gaussian|sjlt (auto: rademacher on GPU or small "
+                                         "models, sparse JL on CPU).")
+    lora_r: int = documented(128, "Fresh LoRA rank, without checkpoints (a checkpoint brings its own adapter).")
+    lora_alpha: int = documented(512, "Fresh LoRA alpha, without checkpoints.")
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    bias_correction: bool = False  # LESS: False
-    pool_gradient: str = "adam"  # adam | sgd (sgd is forced when no optimizer state is available)
+    bias_correction: bool = documented(False, "AdamW bias correction in the Adam-aware gradient (LESS has none).")
+    pool_gradient: str = documented("adam", "adam|sgd for pool examples (sgd when no optimizer state is "
+                                            "available).")
     group_field: str | None = None  # target field naming sub-tasks; None: one group
-    grad_batch: int = 16  # examples projected together (memory: grad_batch * P floats)
+    grad_batch: int = documented(16, "Examples projected together (memory: grad_batch x P floats).")
     # LESS scores with the warmup's checkpoints (Adam state, LR weights); without them only a fresh
     # LoRA with SGD gradients is possible, a different method, so it is refused unless asked for
-    allow_no_warmup: bool = False
+    allow_no_warmup: bool = documented(False, "Run on a model without warmup checkpoints (a fresh LoRA and SGD "
+                                              "gradients: not the paper's LESS; refused by default).")
 
     def __post_init__(self) -> None:
         if self.proj_dim < 1 or self.grad_batch < 1 or self.lora_r < 1:

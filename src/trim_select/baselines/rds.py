@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..batching import collate, plan_batches, run_with_backoff
+from ..config import documented
 from ..data import Renderer, TokenSequence
 from ..models import LoadedModel, base_model, load_model
 from ..training.checkpoints import checkpoint_weights, choose_checkpoints, find_checkpoints
@@ -28,7 +29,8 @@ from .features import group_means, target_groups, unit
 
 @dataclass(frozen=True)
 class RDSConfig:
-    group_field: str | None = None  # target field naming sub-tasks (max over sub-task means); None: one group
+    group_field: str | None = documented(None, "Target field naming sub-tasks (mean per sub-task, max over "
+                                               "them; default: one group).")
 
 
 def model_identity(lm: LoadedModel) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from ..config import to_dict
 from ..data import ReadStats, read_records
 from ..io import RejectWriter, check_unchanged, file_identity, package_versions, write_parquet
 from ..locking import folder_lock
-from ..outputs import RunReport, add_selection, write_coreset
+from ..outputs import RunReport, add_selection, selection_counts, write_coreset
 from ..selection import parse_budget
 from . import bm25, dsir, less, random_sample, rds  # noqa: F401  (register the methods)
 from .base import BASELINES, BaselineConfig, BaselineInputs, BaselineMethod, BaselineScores, SelectionCost
@@ -44,6 +44,32 @@ def selection_table(index: np.ndarray, ids: list[str], result: BaselineScores, b
             raise ValueError(f"a baseline may not overwrite the column {name!r}")
         cols[name] = values
     return add_selection(pa.table(cols), budget)
+
+
+def write_selection_outputs(pool: str | Path, records: list, result: BaselineScores, budget: str | int | float,
+                            out_dir: Path, *, format: str | None, digest: str) -> np.ndarray:
+    """``scores.parquet`` and ``coreset.jsonl`` (copied from the pool whose content is ``digest``);
+    returns the chosen positions, best first."""
+    index = np.array([r.index for r in records], dtype=np.int64)
+    table, chosen = selection_table(index, [r.id for r in records], result, budget)
+    write_coreset(pool, index[chosen].tolist(), out_dir / "coreset.jsonl", format=format,
+                  ids=[records[i].id for i in chosen.tolist()], digest=digest)
+    write_parquet(out_dir / "scores.parquet", table)
+    return chosen
+
+
+def read_inputs(pool: str | Path, targets: str | Path, out_dir: Path, stats: tuple[ReadStats, ReadStats], *,
+                format: str | None, target_format: str | None, skip_invalid: bool) -> tuple[list, list]:
+    """The pool records (bad rows to ``OUT/rejected.jsonl`` with ``skip_invalid``) and the targets."""
+    rejects = RejectWriter(out_dir / "rejected.jsonl")
+    try:
+        records = list(read_records(pool, format, skip_invalid=skip_invalid, stats=stats[0], on_reject=rejects))
+    finally:
+        rejects.close()
+    target_records = list(read_records(targets, target_format, stats=stats[1]))
+    if not target_records:
+        raise ValueError(f"{targets}: the target set is empty")
+    return records, target_records
 
 
 def run_baseline(
@@ -88,7 +114,6 @@ def _run_baseline(method: str, pool: str | Path, targets: str | Path, out_dir: P
     settings = method_settings if method_settings is not None else spec.config_cls()
     if not isinstance(settings, spec.config_cls):
         raise TypeError(f"{method} takes a {spec.config_cls.__name__}, got {type(settings).__name__}")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     cost = SelectionCost()
@@ -96,15 +121,8 @@ def _run_baseline(method: str, pool: str | Path, targets: str | Path, out_dir: P
     t0 = time.perf_counter()
     pool_identity = file_identity(pool)  # the content read here is the content the coreset is copied from
     pool_stats, target_stats = ReadStats(), ReadStats()
-    rejects = RejectWriter(out_dir / "rejected.jsonl")
-    try:
-        records = list(read_records(pool, format, skip_invalid=skip_invalid, stats=pool_stats,
-                                    on_reject=rejects))
-    finally:
-        rejects.close()
-    target_records = list(read_records(targets, target_format, stats=target_stats))
-    if not target_records:
-        raise ValueError(f"{targets}: the target set is empty")
+    records, target_records = read_inputs(pool, targets, out_dir, (pool_stats, target_stats), format=format,
+                                          target_format=target_format, skip_invalid=skip_invalid)
     cost.timed("read", t0)
     parse_budget(budget, len(records))  # a bad budget fails before the expensive part
 
@@ -117,11 +135,8 @@ def _run_baseline(method: str, pool: str | Path, targets: str | Path, out_dir: P
         raise RuntimeError(f"{method} returned {len(result.score)} scores for {len(records)} pool records")
 
     t0 = time.perf_counter()
-    index = np.array([r.index for r in records], dtype=np.int64)
-    table, chosen = selection_table(index, [r.id for r in records], result, budget)
-    write_coreset(pool, index[chosen].tolist(), out_dir / "coreset.jsonl", format=format,
-                  ids=[records[i].id for i in chosen.tolist()], digest=pool_identity["xxh3_128"])
-    write_parquet(out_dir / "scores.parquet", table)
+    chosen = write_selection_outputs(pool, records, result, budget, out_dir, format=format,
+                                     digest=pool_identity["xxh3_128"])
     cost.timed("selection", t0)
     wall = time.perf_counter() - t_start
     scores = np.asarray(result.score, dtype=np.float64)
@@ -136,18 +151,10 @@ def _run_baseline(method: str, pool: str | Path, targets: str | Path, out_dir: P
                     "coreset.jsonl": {"pool": pool_identity["xxh3_128"]}},
         "budget": budget,
         "seed": config.seed,
-        "counts": {
-            "pool_rows": pool_stats.rows,
-            "scored": int(len(scores)),
-            "rejected": pool_stats.rejected,
-            "blank_lines": pool_stats.blank_lines,
-            "duplicate_ids": pool_stats.duplicate_ids,
-            "targets": len(target_records),
-            "minus_inf": int(np.isneginf(scores).sum()),
-            "selected": int(len(chosen)),
-        },
+        # the counts of select; lengths are not measured here (the methods truncate on their own)
+        "counts": selection_counts({**pool_stats.to_dict(), "truncated": None, "tokens": None}, scores, chosen),
         "read_stats": {"pool": pool_stats.to_dict(), "targets": target_stats.to_dict()},
-        "config": {"method": to_dict(settings), "baseline": _baseline_config(config, spec)},
+        "config": {"method": to_dict(settings), **_baseline_config(config, spec)},
         "method_info": result.info,
         "model": result.model,
         "cost": {"wall_seconds": round(wall, 3), "scoring_seconds": round(scoring_s, 3), **cost.to_dict()},
@@ -159,7 +166,8 @@ def _run_baseline(method: str, pool: str | Path, targets: str | Path, out_dir: P
 
 
 def _baseline_config(config: BaselineConfig, spec: BaselineMethod) -> dict[str, Any]:
-    """Shared settings that mattered (model, render and runtime only for model-based methods)."""
+    """Shared settings that mattered (model, render and runtime only for model-based methods), beside
+    ``method`` in ``config``: ``render`` and ``runtime`` where select has them."""
     out: dict[str, Any] = {"seed": config.seed}
     if spec.uses_model:
         out |= {"model": config.model, "checkpoints": config.checkpoints, "render": to_dict(config.render),

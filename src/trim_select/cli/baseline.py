@@ -3,111 +3,112 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..baselines import (
+    BASELINES,
+    BaselineConfig,
+    BM25Config,
+    DSIRConfig,
+    LESSConfig,
+    RDSConfig,
+    method_config,
+    run_baseline,
+)
+from ..config import RenderConfig, RuntimeConfig
 from . import app
-from .common import BASELINE, LESS, RENDER, RUNTIME, console, friendly_errors
-from .core import BatchTok, Budget, Device, Format, MaxLen, Model, Overwrite, Pool, Quiet, Skip, Targets, Trust
+from .common import RENDER, RUNTIME, console, friendly_errors
+from .options import (
+    BatchTok,
+    Budget,
+    Device,
+    Format,
+    MaxLen,
+    Model,
+    Opt,
+    Overwrite,
+    Pool,
+    Quiet,
+    Skip,
+    TargetFormat,
+    Targets,
+    Trust,
+    field_opt,
+    with_options,
+)
 
 Method = Annotated[str, typer.Option("--method", help="random|bm25|dsir|rds|less.")]
 Out = Annotated[Path, typer.Option("--out", help="Output folder (scores.parquet, coreset.jsonl, run.json).")]
-Seed = Annotated[int, typer.Option(
-    "--seed", help="random: the sample; dsir --dsir-resample: the Gumbel noise; less: projection and "
-                   "fresh-LoRA init.")]
-DsirNgrams = Annotated[int, typer.Option("--dsir-ngrams", help="dsir: n-gram order (2: uni+bigrams).")]
-LoraR = Annotated[int, typer.Option("--lora-r", help="less without checkpoints: fresh LoRA rank.")]
-LoraAlpha = Annotated[int, typer.Option("--lora-alpha", help="less without checkpoints: LoRA alpha.")]
-PoolGrad = Annotated[str, typer.Option("--pool-gradient", help="less: adam|sgd for pool examples.")]
-Checkpoints = Annotated[str, typer.Option(
-    "--checkpoints", help="rds/less with a warmup folder as --model: all|last|STEP,STEP (LR-weighted).")]
-GroupField = Annotated[str | None, typer.Option(
-    "--group-field", help="rds/less: target field naming sub-tasks (mean per sub-task, max over them).")]
+
+# each method's settings: its config fields, flags prefixed with the method's name where they clash
+GROUP_FIELD = field_opt(RDSConfig, "group_field", str | None, prefix="rds/less: ")
+METHODS: dict[str, list[Opt]] = {
+    "random": [],
+    "bm25": [field_opt(BM25Config, name, tp, f"--bm25-{name}", param=f"bm25_{name}", prefix="bm25: ", default=d)
+             for name, tp, d in (("k1", float, BM25Config().k1), ("b", float, BM25Config().b),
+                                 ("stopwords", str, BM25Config().stopwords or "none"),
+                                 ("aggregate", str, BM25Config().aggregate))],
+    "dsir": [field_opt(DSIRConfig, name, tp, *flags, param=f"dsir_{name}", prefix="dsir: ") for name, tp, flags in (
+        ("ngrams", int, ("--dsir-ngrams",)), ("num_buckets", int, ("--dsir-buckets",)),
+        ("resample", bool, ("--dsir-resample/--dsir-top-k",)), ("min_words", int, ("--dsir-min-words",)),
+        ("num_proc", int, ("--dsir-num-proc",)))],
+    "rds": [GROUP_FIELD],
+    "less": [
+        *(field_opt(LESSConfig, name, tp, prefix="less: ") for name, tp in (
+            ("proj_dim", int), ("projection", str), ("lora_r", int), ("lora_alpha", int))),
+        field_opt(LESSConfig, "bias_correction", bool, "--adam-bias-correction/--less-adam",
+                  param="adam_bias_correction", prefix="less: "),
+        field_opt(LESSConfig, "pool_gradient", str, prefix="less: "),
+        field_opt(LESSConfig, "grad_batch", int, prefix="less: "),
+        field_opt(LESSConfig, "allow_no_warmup", bool, "--less-allow-no-warmup", param="less_allow_no_warmup",
+                  prefix="less: "),
+        GROUP_FIELD,
+    ],
+}
+SETTINGS = list({o.name: o for group in METHODS.values() for o in group}.values())  # each option once
+SHARED = [
+    field_opt(BaselineConfig, "seed", int),
+    field_opt(BaselineConfig, "checkpoints", str),
+    Opt("max_length", MaxLen, RENDER.max_length),
+    Opt("batch_tokens", BatchTok, RUNTIME.batch_tokens),
+    Opt("device", Device, RUNTIME.device),
+    Opt("dtype", Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (less: autocast; "
+                                                             "auto = float32 on CPU).")], RUNTIME.dtype),
+    Opt("trust_remote_code", Trust, RUNTIME.trust_remote_code),
+]
+
+
+def settings_of(method: str, options: dict[str, Any]) -> Any:
+    """The method's config from its options (``--bm25-stopwords none``: keep every word)."""
+    values = {o.field: options[o.name] for o in METHODS[method]}
+    if method == "bm25" and str(values["stopwords"]).lower() in ("none", "off", ""):
+        values["stopwords"] = None
+    return method_config(method, **values)
 
 
 @app.command("baseline")
 @friendly_errors
-def baseline_cmd(
-    method: Method,
-    pool: Pool,
-    targets: Targets,
-    budget: Budget,
-    out: Out,
-    model: Model = "default",
-    seed: Seed = 0,
-    format: Format = None,
-    target_format: Annotated[str | None, typer.Option("--target-format")] = None,
-    checkpoints: Checkpoints = BASELINE.checkpoints,
-    group_field: GroupField = None,
-    bm25_k1: Annotated[float, typer.Option("--bm25-k1", help="bm25: term-frequency saturation.")] = 1.5,
-    bm25_b: Annotated[float, typer.Option("--bm25-b", help="bm25: length normalisation.")] = 0.75,
-    bm25_stopwords: Annotated[str, typer.Option("--bm25-stopwords",
-                                                help="bm25: stopword list (en, ..., none).")] = "en",
-    bm25_aggregate: Annotated[str, typer.Option("--bm25-aggregate",
-                                                help="bm25: over target queries, max|mean.")] = "max",
-    dsir_ngrams: DsirNgrams = 2,
-    dsir_buckets: Annotated[int, typer.Option("--dsir-buckets", help="dsir: hash buckets.")] = 10000,
-    dsir_resample: Annotated[bool, typer.Option(
-        "--dsir-resample/--dsir-top-k",
-        help="dsir: seeded importance resampling (Gumbel top-k) instead of top-k by weight.")] = False,
-    dsir_min_words: Annotated[int, typer.Option(
-        "--dsir-min-words", help="dsir: never select examples with fewer words (package default).")] = 100,
-    dsir_num_proc: Annotated[int, typer.Option("--dsir-num-proc", help="dsir: featurisation processes.")] = 1,
-    proj_dim: Annotated[int, typer.Option("--proj-dim", help="less: projection dimension.")] = 8192,
-    projection: Annotated[str, typer.Option(
-        "--projection", help="less: auto|rademacher|gaussian|sjlt (auto: rademacher on GPU or small "
-                             "models, sparse JL on CPU).")] = "auto",
-    lora_r: LoraR = LESS.lora_r,
-    lora_alpha: LoraAlpha = LESS.lora_alpha,
-    adam_bias_correction: Annotated[bool, typer.Option(
-        "--adam-bias-correction/--less-adam",
-        help="less: AdamW bias correction in the Adam-aware gradient (LESS has none).")] = False,
-    pool_gradient: PoolGrad = "adam",
-    grad_batch: Annotated[int, typer.Option("--grad-batch",
-                                            help="less: examples projected together (memory).")] = 16,
-    less_allow_no_warmup: Annotated[bool, typer.Option(
-        "--less-allow-no-warmup", help="less: run on a model without warmup checkpoints (fresh LoRA, SGD "
-                                       "gradients; not the paper's LESS). Refused by default.")] = False,
-    max_length: MaxLen = RENDER.max_length,
-    batch_tokens: BatchTok = RUNTIME.batch_tokens,
-    device: Device = RUNTIME.device,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto|float32|bfloat16|float16 (less: autocast; "
-                                                       "auto = float32 on CPU).")] = "auto",
-    skip_invalid: Skip = False,
-    trust_remote_code: Trust = RUNTIME.trust_remote_code,
-    quiet: Quiet = False,
-    overwrite: Overwrite = False,
-) -> None:
+@with_options(SHARED, SETTINGS)
+def baseline_cmd(method: Method, pool: Pool, targets: Targets, budget: Budget, out: Out, model: Model = "default",
+                 format: Format = None, target_format: TargetFormat = None, skip_invalid: Skip = False,
+                 quiet: Quiet = False, overwrite: Overwrite = False, **options: Any) -> None:
     """Select with a baseline (random, BM25, DSIR, RDS, LESS): scores.parquet, coreset.jsonl, run.json."""
-    from ..baselines import BASELINES, BaselineConfig, method_config, run_baseline
-    from ..config import RenderConfig, RuntimeConfig
-
     if method not in BASELINES:
         raise typer.BadParameter(f"--method must be one of {', '.join(sorted(BASELINES))}")
-    settings = {
-        "random": {},
-        "bm25": {"k1": bm25_k1, "b": bm25_b, "aggregate": bm25_aggregate,
-                 "stopwords": None if bm25_stopwords.lower() in ("none", "off", "") else bm25_stopwords},
-        "dsir": {"ngrams": dsir_ngrams, "num_buckets": dsir_buckets, "resample": dsir_resample,
-                 "min_words": dsir_min_words, "num_proc": dsir_num_proc},
-        "rds": {"group_field": group_field},
-        "less": {"proj_dim": proj_dim, "projection": projection, "lora_r": lora_r, "lora_alpha": lora_alpha,
-                 "bias_correction": adam_bias_correction, "pool_gradient": pool_gradient,
-                 "group_field": group_field, "grad_batch": grad_batch, "allow_no_warmup": less_allow_no_warmup},
-    }[method]
     try:
         config = BaselineConfig(
-            seed=seed, model=model, checkpoints=checkpoints,
-            render=RenderConfig(format=format, max_length=max_length),
-            runtime=RuntimeConfig(device=device, dtype=dtype, batch_tokens=batch_tokens,
-                                  trust_remote_code=trust_remote_code))
-        mc = method_config(method, **settings)
+            seed=options["seed"], model=model, checkpoints=options["checkpoints"],
+            render=RenderConfig(format=format, max_length=options["max_length"]),
+            runtime=RuntimeConfig(device=options["device"], dtype=options["dtype"],
+                                  batch_tokens=options["batch_tokens"], trust_remote_code=options["trust_remote_code"]))
+        mc = settings_of(method, options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    report = run_baseline(method, pool, targets, out, budget, config=config, method_settings=mc,
-                          format=format, target_format=target_format, skip_invalid=skip_invalid,
-                          progress=not quiet, overwrite=overwrite)
+    report = run_baseline(method, pool, targets, out, budget, config=config, method_settings=mc, format=format,
+                          target_format=target_format, skip_invalid=skip_invalid, progress=not quiet,
+                          overwrite=overwrite)
     _summary(report, out)
 
 

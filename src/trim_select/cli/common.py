@@ -14,19 +14,14 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..baselines import BaselineConfig, LESSConfig
-from ..config import SCOPES, WARMUP_FRACTION, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
-from ..training.lora import LoraRecipe
+from ..config import SCOPES, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
 
 console = Console(stderr=True)
 
-# The defaults of every option, read once from the config dataclasses (written once there).
-RENDER, FP, SCORE, RUNTIME = RenderConfig(), FingerprintConfig(), ScoreConfig(), RuntimeConfig()
-RECIPE, BASELINE, LESS = LoraRecipe(), BaselineConfig(), LESSConfig()
-PENALTY = "none" if SCORE.penalty is None else str(SCORE.penalty)
-LORA_TARGETS = ",".join(RECIPE.target_modules)
-__all__ = ["BASELINE", "FP", "LESS", "LORA_TARGETS", "PENALTY", "RECIPE", "RENDER", "RUNTIME", "SCORE",
-           "WARMUP_FRACTION", "build_configs", "check_scope", "console", "friendly_errors", "parse_penalty"]
+# Defaults read once from the config dataclasses (written once there; the options: cli/options.py).
+RENDER, RUNTIME = RenderConfig(), RuntimeConfig()
+__all__ = ["RENDER", "RUNTIME", "build_configs", "check_scope", "console", "friendly_errors",
+           "parse_penalty"]
 _FIELDS = {cls: {f.name for f in fields(cls)} for cls in (RenderConfig, FingerprintConfig, ScoreConfig,
                                                           RuntimeConfig)}
 

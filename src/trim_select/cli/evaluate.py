@@ -7,71 +7,58 @@ from typing import Annotated, Any
 
 import typer
 
+from ..comparison import compare
+from ..config import RuntimeConfig
+from ..evaluation import EvalConfig, evaluate, evaluation_recipe
+from ..evaluation.runner import CPU_RECIPE
+from ..training.lora import LoraRecipe
 from . import app
 from .common import console, friendly_errors
-from .core import Budget, Device, Model, Overwrite, Pool, Quiet
+from .options import Budget, Model, Opt, Overwrite, Pool, Quiet, field_opt, with_options
 
 Tasks = Annotated[list[Path], typer.Option(
     "--task", help="Task folder with test.jsonl (+ dev.jsonl exemplars, val.jsonl targets); repeatable.")]
 Seeds = Annotated[int, typer.Option(
     "--seeds", help="Fine-tuning seeds 0..N-1 (0: untuned reference rows only).")]
-Limit = Annotated[int | None, typer.Option(
-    "--limit", help="Evaluate a seeded random subset of N test rows (the same rows for every model).")]
-LimitSeed = Annotated[int, typer.Option("--limit-seed", help="Seed of the --limit subset.")]
-Shots = Annotated[int | None, typer.Option(
-    "--shots", help="Exemplars from dev.jsonl as chat turns (default: 5 multiple choice, 4 math).")]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", help="Math: greedy decoding budget per answer.")]
-Generate = Annotated[bool, typer.Option(
-    "--generate/--no-generate",
-    help="Math: greedy decoding for exact match (--no-generate: answer loss only).")]
-Merge = Annotated[bool, typer.Option(
-    "--merge-adapter/--unmerged-adapter",
-    help="Evaluate fine-tuned models with the LoRA merged into the weights (faster; in bf16 the rounding of "
-         "W + BA blurs small effects) or kept apart (default).")]
-GenBatch = Annotated[int, typer.Option("--gen-batch-size", help="Math: prompts per generation batch.")]
-EvalBatchTok = Annotated[int, typer.Option("--batch-tokens", help="Padded tokens per log-likelihood batch.")]
-EvalDtype = Annotated[str, typer.Option(
-    "--dtype", help="Evaluation dtype: auto (bf16 where supported)|float32|bfloat16.")]
 Baseline = Annotated[bool, typer.Option("--baseline/--no-baseline",
                                         help="Also score the untuned base model (reference row).")]
-# fine-tuning recipe (CPU-sized defaults; the paper's Table 7: --epochs 4 --lr 2e-5 --batch-size 64
-# --lora-r 128 --lora-alpha 512)
-Epochs = Annotated[int, typer.Option("--epochs", help="Fine-tuning epochs.")]
-Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Effective batch in examples.")]
-LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank.")]
-LoraAlpha = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha.")]
-LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout.")]
-TrainMaxLen = Annotated[int, typer.Option("--train-max-length", help="Truncate training sequences.")]
-TrainDtype = Annotated[str, typer.Option(
-    "--train-dtype",
-    help="Autocast while fine-tuning: auto (bf16 where the CPU/GPU supports it)|float32|bf16.")]
 LmEvalTask = Annotated[list[str] | None, typer.Option(
     "--lm-eval-task", help="Also evaluate with lm-eval: a task folder, an lm-eval task name or a directory of "
                            "lm-eval task YAMLs; repeatable. Writes OUT/lm_eval.json.")]
 LmEvalInclude = Annotated[Path | None, typer.Option(
     "--lm-eval-include", help="Directory of extra lm-eval task YAMLs for --lm-eval-task names.")]
-MicroTok = Annotated[int, typer.Option("--micro-batch-tokens", help="Padded tokens per forward/backward.")]
+
+# what evaluate and compare share: how tasks are scored (EvalConfig fields) ...
+SCORING = [field_opt(EvalConfig, name, tp, *flags) for name, tp, flags in (
+    ("limit", int | None, ()), ("limit_seed", int, ()), ("shots", int | None, ()), ("max_new_tokens", int, ()),
+    ("generate", bool, ("--generate/--no-generate",)),
+    ("merge_adapter", bool, ("--merge-adapter/--unmerged-adapter",)), ("gen_batch_size", int, ()),
+    ("batch_tokens", int, ()), ("device", str, ()), ("dtype", str, ()))]
+# ... and the fine-tuning recipe, CPU-sized (evaluation.runner.CPU_RECIPE; the paper's Table 7 is
+# --epochs 4 --lr 2e-5 --batch-size 64 --lora-r 128 --lora-alpha 512)
+TRAINING = [Opt(name, Annotated[tp, typer.Option(flag, help=text)], default) for name, tp, flag, text, default in (
+    ("epochs", int, "--epochs", "Fine-tuning epochs.", CPU_RECIPE["epochs"]),
+    ("lr", float, "--lr", "AdamW learning rate.", CPU_RECIPE["lr"]),
+    ("batch_size", int, "--batch-size", "Effective batch in examples.", CPU_RECIPE["batch_size"]),
+    ("lora_r", int, "--lora-r", "LoRA rank.", CPU_RECIPE["lora_r"]),
+    ("lora_alpha", int, "--lora-alpha", "LoRA alpha.", CPU_RECIPE["lora_alpha"]),
+    ("lora_dropout", float, "--lora-dropout", "LoRA dropout.", CPU_RECIPE["lora_dropout"]),
+    ("train_max_length", int, "--train-max-length", "Truncate training sequences.", LoraRecipe().max_length),
+    ("train_dtype", str, "--train-dtype", "Autocast while fine-tuning: auto (bf16 where the CPU/GPU supports "
+     "it)|float32|bf16.", "auto"),
+    ("micro_batch_tokens", int, "--micro-batch-tokens", "Padded tokens per forward/backward.",
+     LoraRecipe().micro_batch_tokens))]
 
 
-def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, shots: int | None,
-             max_new_tokens: int, generate: bool, merge_adapter: bool, gen_batch_size: int,
-             batch_tokens: int, epochs: int, lr: float, batch_size: int, lora_r: int, lora_alpha: int,
-             lora_dropout: float, train_max_length: int, train_dtype: str,
-             micro_batch_tokens: int) -> tuple[Any, Any]:
-    """(EvalConfig, LoraRecipe) from CLI values; bad values become a usage error."""
-    from ..evaluation import EvalConfig, evaluation_recipe
-
+def _configs(options: dict[str, Any]) -> tuple[EvalConfig, LoraRecipe]:
+    """(EvalConfig, LoraRecipe) from the SCORING and TRAINING options; bad values become a usage error."""
+    train = {o.name: options[o.name] for o in TRAINING}
+    train["max_length"] = train.pop("train_max_length")
+    if train.pop("train_dtype") != "auto":
+        train["dtype"] = options["train_dtype"]
     try:
-        config = EvalConfig(shots=shots, limit=limit, limit_seed=limit_seed, max_new_tokens=max_new_tokens,
-                            generate=generate, merge_adapter=merge_adapter, gen_batch_size=gen_batch_size,
-                            batch_tokens=batch_tokens, device=device, dtype=dtype)
-        overrides: dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "lora_r": lora_r,
-                                     "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-                                     "max_length": train_max_length, "micro_batch_tokens": micro_batch_tokens}
-        if train_dtype != "auto":
-            overrides["dtype"] = train_dtype
-        recipe = evaluation_recipe(device, **overrides)
+        config = EvalConfig(**{o.name: options[o.name] for o in SCORING})
+        recipe = evaluation_recipe(config.device, **train)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     return config, recipe
@@ -79,6 +66,7 @@ def _configs(*, device: str, dtype: str, limit: int | None, limit_seed: int, sho
 
 @app.command("evaluate")
 @friendly_errors
+@with_options(SCORING, TRAINING)
 def evaluate_cmd(
     task: Tasks,
     train: Annotated[Path | None, typer.Option(
@@ -91,42 +79,17 @@ def evaluate_cmd(
     baseline: Baseline = True,
     baseline_model: Annotated[list[str] | None, typer.Option(
         "--baseline-model", help="Another untuned model to score as a reference row; repeatable.")] = None,
-    limit: Limit = None,
-    limit_seed: LimitSeed = 0,
-    shots: Shots = None,
-    max_new_tokens: MaxNew = 256,
-    generate: Generate = True,
-    merge_adapter: Merge = False,
-    gen_batch_size: GenBatch = 16,
-    batch_tokens: EvalBatchTok = 8192,
-    epochs: Epochs = 2,
-    lr: Lr = 1e-4,
-    batch_size: BatchSize = 8,
-    lora_r: LoraR = 16,
-    lora_alpha: LoraAlpha = 64,
-    lora_dropout: LoraDropout = 0.1,
-    train_max_length: TrainMaxLen = 2048,
-    train_dtype: TrainDtype = "auto",
-    micro_batch_tokens: MicroTok = 4096,
-    device: Device = "auto",
-    dtype: EvalDtype = "auto",
     lm_eval_task: LmEvalTask = None,
     lm_eval_include: LmEvalInclude = None,
     quiet: Quiet = False,
+    **options: Any,
 ) -> None:
     """LoRA-fine-tune the model on a coreset (per seed) and score task folders; base model as reference.
 
     Multiple choice: accuracy by summed and by length-normalised log-likelihood. Math: exact match of
     greedy decoding. Both: the gold answer's per-token NLL. Writes OUT/evaluation.json and .md.
     """
-    from ..evaluation import evaluate
-
-    config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
-                              gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
-                              batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                              train_max_length=train_max_length, train_dtype=train_dtype,
-                              micro_batch_tokens=micro_batch_tokens)
+    config, recipe = _configs(options)
     if seeds < 0:
         raise typer.BadParameter("--seeds must be >= 0")
     if out is None:
@@ -169,6 +132,7 @@ def _lm_eval(tasks: list[str], include: Path | None, out: Path, *, model: str, b
 
 @app.command("compare")
 @friendly_errors
+@with_options(SCORING, TRAINING)
 def compare_cmd(
     task: Tasks,
     pool: Pool,
@@ -176,68 +140,39 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (resumable: rerun the same command).")],
     methods: Annotated[str, typer.Option(
         "--methods",
-        help="Comma list: trim, trim-warmup and any baseline (random, bm25, dsir, rds, less; LESS and "
-             "trim-warmup share one warmup, trained once).")] = "trim,bm25,random",
+        help="Comma list: trim, trim-warmup and any baseline (random, bm25, dsir, rds, less; trim-warmup "
+             "and LESS share one warmup, trained once).")] = "trim,bm25,random",
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tuning seeds 0..N-1 per method.")] = 3,
     model: Model = "default",
     selection_model: Annotated[str | None, typer.Option(
-        "--selection-model", help="Model that selects (default: --model). A warmup folder gives TRIM its "
-                                  "final adapter and LESS its checkpoints.")] = None,
-    baseline: Baseline = True,
-    limit: Annotated[int | None, typer.Option(
-        "--limit", help="Test rows for the answer NLL and accuracy (a seeded subset, the same for every "
-                        "model; default all). NLL needs no decoding: give it a few hundred rows.")] = None,
-    limit_seed: LimitSeed = 0,
+        "--selection-model", help="Model that selects and is warmed up (default: --model).")] = None,
     lm_eval_limit: Annotated[int, typer.Option(
-        "--lm-eval-limit", help="Also score the first N of those rows through lm-eval (acc / exact match "
-                                "per row; 0: skip).")] = 0,
+        "--lm-eval-limit", help="Also score the first N of the --limit rows through lm-eval (acc / exact "
+                                "match per row; 0: skip).")] = 0,
     match_tokens: Annotated[str | None, typer.Option(
         "--match-tokens", help="Also train every other method on its ranking's prefix with this method's "
                                "token total (rows labelled METHOD@REF-tokens).")] = None,
     decontaminate: Annotated[bool, typer.Option(
         "--decontaminate", help="Drop pool rows whose word 13-grams overlap a test row of the task (they "
                                 "are listed in compare.json either way).")] = False,
-    shots: Shots = None,
-    max_new_tokens: MaxNew = 256,
-    generate: Generate = True,
-    merge_adapter: Merge = False,
-    gen_batch_size: GenBatch = 16,
-    batch_tokens: EvalBatchTok = 8192,
-    epochs: Epochs = 2,
-    lr: Lr = 1e-4,
-    batch_size: BatchSize = 8,
-    lora_r: LoraR = 16,
-    lora_alpha: LoraAlpha = 64,
-    lora_dropout: LoraDropout = 0.1,
-    train_max_length: TrainMaxLen = 2048,
-    train_dtype: TrainDtype = "auto",
-    micro_batch_tokens: MicroTok = 4096,
-    device: Device = "auto",
-    dtype: EvalDtype = "auto",
+    baseline: Baseline = True,
     quiet: Quiet = False,
     overwrite: Overwrite = False,
+    **options: Any,
 ) -> None:
     """Select with each method, fine-tune and evaluate each x seeds; pair the methods on the test rows.
 
     Per method: answer NLL, accuracy, selection cost and the coreset's source mix and length; per
     pair of methods: the mean per-row difference with a 95% paired bootstrap interval (seeds
-    averaged per row). Writes OUT/compare.json, OUT/compare.md and OUT/rows/<task>.jsonl.gz after
-    every finished (task, method, seed); rerun the same command to resume.
+    averaged per row). --limit sizes the NLL rows (a few hundred: no decoding needed). Writes
+    OUT/compare.json, OUT/compare.md and OUT/rows/<task>.jsonl.gz after every finished (task,
+    method, seed); rerun the same command to resume.
     """
-    from ..comparison import compare
-    from ..config import RuntimeConfig
-
-    config, recipe = _configs(device=device, dtype=dtype, limit=limit, limit_seed=limit_seed, shots=shots,
-                              max_new_tokens=max_new_tokens, generate=generate, merge_adapter=merge_adapter,
-                              gen_batch_size=gen_batch_size, batch_tokens=batch_tokens, epochs=epochs, lr=lr,
-                              batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                              train_max_length=train_max_length, train_dtype=train_dtype,
-                              micro_batch_tokens=micro_batch_tokens)
+    config, recipe = _configs(options)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    compare(task, pool, budget, method_list, out, seeds=seeds, model=model,
-                      selection_model=selection_model, recipe=recipe, config=config, lm_eval_limit=lm_eval_limit,
-                      match_tokens=match_tokens, decontaminate=decontaminate,
-                      runtime=RuntimeConfig(device=device), baseline=baseline, progress=not quiet,
-                      overwrite=overwrite)
+    compare(task, pool, budget, method_list, out, seeds=seeds, model=model, selection_model=selection_model,
+            recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, match_tokens=match_tokens,
+            decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device), baseline=baseline,
+            progress=not quiet, overwrite=overwrite)
     typer.echo((out / "compare.md").read_text(encoding="utf-8"))
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)

@@ -2,124 +2,55 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
+from ..config import WARMUP_FRACTION, RuntimeConfig
+from ..training.lora import LoraRecipe
 from . import app
-from .common import (
-    FP,
-    LORA_TARGETS,
-    PENALTY,
+from .common import build_configs, console, friendly_errors
+from .core import summarise
+from .options import (
+    CHUNKS,
+    CONTROL,
+    ENGINE,
+    FORWARD,
     RECIPE,
-    RENDER,
-    RUNTIME,
-    SCORE,
-    WARMUP_FRACTION,
-    build_configs,
-    console,
-    friendly_errors,
-)
-from .core import (
-    BatchTok,
+    STAGE_I,
+    STAGE_II,
+    TOKENS,
     Budget,
-    Chunk,
-    ColW,
-    CovW,
     Device,
-    Engine,
     Format,
-    Idf,
-    Layers,
-    MaxLen,
-    MaxW,
-    MeanW,
     Model,
+    Opt,
     Out,
-    Overwrite,
-    Penalty,
     Pool,
-    Quiet,
-    RayAddress,
-    RowW,
-    Scope,
-    ScoreTemplate,
-    Skip,
+    TargetFormat,
     Targets,
     Trust,
-    Workers,
-    summarise,
+    field_opt,
+    make_recipe,
+    pick,
+    with_options,
 )
 
-if TYPE_CHECKING:
-    from ..training.lora import LoraRecipe
-
-# -- warmup recipe options (Table 7 defaults live in LoraRecipe) ---------------------------------
 Fraction = Annotated[float, typer.Option("--fraction", help="gamma: share of the pool to warm up on (5%).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the subset draw, data order, LoRA init, dropout.")]
-Epochs = Annotated[int, typer.Option("--epochs", help="Warmup epochs (Table 7).")]
-Lr = Annotated[float, typer.Option("--lr", help="AdamW learning rate (Table 7).")]
-WarmupRatio = Annotated[float, typer.Option("--warmup-ratio", help="Linear LR warmup share (Table 7).")]
-Schedule = Annotated[str, typer.Option("--schedule", help="linear|constant after the LR warmup.")]
-LoraR = Annotated[int, typer.Option("--lora-r", help="LoRA rank (Table 7).")]
-LoraAlpha = Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (Table 7).")]
-LoraDropout = Annotated[float, typer.Option("--lora-dropout", help="LoRA dropout (Table 7).")]
-LoraTargets = Annotated[str, typer.Option("--lora-targets", help="Comma list of module names to adapt.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Effective batch in examples (Table 7).")]
-MicroTok = Annotated[int, typer.Option("--micro-batch-tokens",
-                                       help="Padded tokens per forward/backward (memory; not the math).")]
-MicroSize = Annotated[int, typer.Option("--micro-batch-size",
-                                        help="Max sequences per micro-batch; 0: auto (1 on CPU: no padding "
-                                             "mask, faster and leaner; token budget only on GPU).")]
-WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
-SaveSteps = Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps (0: every epoch).")]
-GradCkpt = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations (memory).")]
-TrainDtype = Annotated[str, typer.Option("--dtype", help="auto (bf16 on GPUs that support it, float32 on CPU)"
-                                                        "|float32|bf16 (autocast; weights stay float32).")]
-
-
-def make_recipe(*, lora_targets: str, **fields: Any) -> LoraRecipe:
-    """A :class:`~trim_select.warmup.LoraRecipe` from CLI values (bad values -> a usage error)."""
-    from ..training.lora import LoraRecipe
-
-    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
-    try:
-        return LoraRecipe(target_modules=targets, **fields)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+# the warmup's own sequence length, dtype and device (`warmup`), or the warmup's inside `run`
+WARMUP = [field_opt(LoraRecipe, "max_length", int), field_opt(LoraRecipe, "dtype", str),
+          Opt("device", Device, LoraRecipe().device),
+          Opt("trust_remote_code", Trust, RuntimeConfig().trust_remote_code)]
+RUN_WARMUP = [field_opt(LoraRecipe, "max_length", int, "--warmup-max-length", param="warmup_max_length"),
+              field_opt(LoraRecipe, "dtype", str, "--warmup-dtype", param="warmup_dtype")]
 
 
 @app.command("warmup")
 @friendly_errors
-def warmup_cmd(
-    pool: Pool,
-    out: Out,
-    model: Model = "default",
-    fraction: Fraction = WARMUP_FRACTION,
-    seed: Seed = 0,
-    format: Format = None,
-    epochs: Epochs = RECIPE.epochs,
-    lr: Lr = RECIPE.lr,
-    warmup_ratio: WarmupRatio = RECIPE.warmup_ratio,
-    schedule: Schedule = RECIPE.schedule,
-    lora_r: LoraR = RECIPE.lora_r,
-    lora_alpha: LoraAlpha = RECIPE.lora_alpha,
-    lora_dropout: LoraDropout = RECIPE.lora_dropout,
-    lora_targets: LoraTargets = LORA_TARGETS,
-    batch_size: BatchSize = RECIPE.batch_size,
-    micro_batch_tokens: MicroTok = RECIPE.micro_batch_tokens,
-    micro_batch_size: MicroSize = RECIPE.micro_batch_size,
-    max_length: Annotated[int, typer.Option("--max-length", help="Truncate training sequences.")] = 2048,
-    weight_decay: WeightDecay = RECIPE.weight_decay,
-    save_steps: SaveSteps = RECIPE.save_steps,
-    gradient_checkpointing: GradCkpt = RECIPE.gradient_checkpointing,
-    dtype: TrainDtype = RECIPE.dtype,
-    device: Device = RUNTIME.device,
-    skip_invalid: Skip = False,
-    overwrite: Overwrite = False,
-    trust_remote_code: Trust = RUNTIME.trust_remote_code,
-    quiet: Quiet = False,
-) -> None:
+@with_options(RECIPE, WARMUP, CONTROL)
+def warmup_cmd(pool: Pool, out: Out, model: Model = "default", fraction: Fraction = WARMUP_FRACTION,
+               seed: Seed = 0, format: Format = None, **options: Any) -> None:
     """LoRA-fine-tune the model on a seeded random share of the pool (paper Table 7 recipe).
 
     Writes OUT/checkpoints/step-N/, OUT/final/ (use as --model) and OUT/warmup.json; rerun the same
@@ -127,14 +58,11 @@ def warmup_cmd(
     """
     from ..warmup import warmup
 
-    recipe = make_recipe(seed=seed, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio, schedule=schedule,
-                         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         lora_targets=lora_targets, batch_size=batch_size,
-                         micro_batch_tokens=micro_batch_tokens, micro_batch_size=micro_batch_size,
-                         max_length=max_length, weight_decay=weight_decay, save_steps=save_steps,
-                         gradient_checkpointing=gradient_checkpointing, dtype=dtype, device=device)
-    res = warmup(pool, out, model, fraction, seed, recipe, format=format, skip_invalid=skip_invalid,
-                 progress=not quiet, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    control = pick(options, CONTROL)
+    trust = options.pop("trust_remote_code")
+    recipe = make_recipe(seed=seed, **options)
+    res = warmup(pool, out, model, fraction, seed, recipe, format=format, skip_invalid=control["skip_invalid"],
+                 progress=not control["quiet"], overwrite=control["overwrite"], trust_remote_code=trust)
     t = res.train
     state = "already complete" if t.cached else "done"
     loss = f"loss {t.losses[0]:.4f} -> {t.losses[-1]:.4f}" if t.losses else ""
@@ -146,6 +74,7 @@ def warmup_cmd(
 
 @app.command("run")
 @friendly_errors
+@with_options(RECIPE, RUN_WARMUP, TOKENS, STAGE_I, STAGE_II, FORWARD, CHUNKS, ENGINE, CONTROL)
 def run_cmd(
     pool: Pool,
     targets: Targets,
@@ -159,51 +88,9 @@ def run_cmd(
                               "weighted by each checkpoint's learning rate (LESS-style).")] = "last",
     fraction: Fraction = WARMUP_FRACTION,
     seed: Seed = 0,
-    epochs: Epochs = RECIPE.epochs,
-    lr: Lr = RECIPE.lr,
-    warmup_ratio: WarmupRatio = RECIPE.warmup_ratio,
-    schedule: Schedule = RECIPE.schedule,
-    lora_r: LoraR = RECIPE.lora_r,
-    lora_alpha: LoraAlpha = RECIPE.lora_alpha,
-    lora_dropout: LoraDropout = RECIPE.lora_dropout,
-    lora_targets: LoraTargets = LORA_TARGETS,
-    batch_size: BatchSize = RECIPE.batch_size,
-    micro_batch_tokens: MicroTok = RECIPE.micro_batch_tokens,
-    micro_batch_size: MicroSize = RECIPE.micro_batch_size,
-    warmup_max_length: Annotated[int, typer.Option("--warmup-max-length", help="Truncate warmup sequences.")]
-    = 2048,
-    weight_decay: WeightDecay = RECIPE.weight_decay,
-    save_steps: SaveSteps = RECIPE.save_steps,
-    gradient_checkpointing: GradCkpt = RECIPE.gradient_checkpointing,
-    warmup_dtype: Annotated[str, typer.Option(
-        "--warmup-dtype",
-        help="Warmup autocast: auto (bf16 on GPUs that support it, float32 on CPU)|float32|bf16.")]
-    = "auto",
     format: Format = None,
-    target_format: Annotated[str | None, typer.Option("--target-format")] = None,
-    scope: Scope = RENDER.scope,
-    score_template: ScoreTemplate = RENDER.score_template,
-    layers: Layers = FP.layers,
-    row_weight: RowW = FP.row_weight,
-    col_weight: ColW = FP.col_weight,
-    penalty: Penalty = PENALTY,
-    mean_weight: MeanW = SCORE.mean_weight,
-    max_weight: MaxW = SCORE.max_weight,
-    coverage_weight: CovW = SCORE.coverage_weight,
-    idf: Idf = SCORE.idf,
-    max_length: MaxLen = RENDER.max_length,
-    batch_tokens: BatchTok = RUNTIME.batch_tokens,
-    chunk_size: Chunk = RUNTIME.chunk_size,
-    device: Device = RUNTIME.device,
-    dtype: Annotated[str, typer.Option("--dtype", help="Scoring dtype: auto|float32|bfloat16|float16.")]
-    = "auto",
-    engine: Engine = "local",
-    workers: Workers = None,
-    ray_address: RayAddress = None,
-    skip_invalid: Skip = False,
-    overwrite: Overwrite = False,
-    trust_remote_code: Trust = RUNTIME.trust_remote_code,
-    quiet: Quiet = False,
+    target_format: TargetFormat = None,
+    **options: Any,
 ) -> None:
     """Warmup -> Stage I -> Stage II -> selection in one command, each stage cached in OUT.
 
@@ -213,23 +100,17 @@ def run_cmd(
     """
     from ..pipeline import PipelineConfig, run_pipeline
 
-    render, fpc, scoring, runtime = build_configs(
-        format=format, scope=scope, max_length=max_length, score_template=score_template, layers=layers,
-        row_weight=row_weight, col_weight=col_weight, penalty=penalty, mean_weight=mean_weight,
-        max_weight=max_weight, coverage_weight=coverage_weight, idf=idf, device=device, dtype=dtype,
-        batch_tokens=batch_tokens, chunk_size=chunk_size, trust_remote_code=trust_remote_code)
-    recipe = make_recipe(seed=seed, epochs=epochs, lr=lr, warmup_ratio=warmup_ratio, schedule=schedule,
-                         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         lora_targets=lora_targets, batch_size=batch_size,
-                         micro_batch_tokens=micro_batch_tokens, micro_batch_size=micro_batch_size,
-                         max_length=warmup_max_length, weight_decay=weight_decay, save_steps=save_steps,
-                         gradient_checkpointing=gradient_checkpointing, dtype=warmup_dtype, device=device)
+    control, where, recipe = pick(options, CONTROL), pick(options, ENGINE), pick(options, RECIPE)
+    warm = pick(options, RUN_WARMUP)
+    render, fpc, scoring, runtime = build_configs(format=format, **options)
+    recipe = make_recipe(seed=seed, **recipe, max_length=warm["warmup_max_length"], dtype=warm["warmup_dtype"],
+                         device=runtime.device)
     cfg = PipelineConfig(use_warmup=not no_warmup, fraction=fraction, seed=seed, recipe=recipe,
                          checkpoints=checkpoints)
     report = run_pipeline(pool, targets, out, budget, model=model, pipeline=cfg, render=render,
                           fingerprint=fpc, scoring=scoring, runtime=runtime, format=format,
-                          target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
-                          progress=not quiet, engine=engine, workers=workers, ray_address=ray_address)
+                          target_format=target_format, skip_invalid=control["skip_invalid"],
+                          overwrite=control["overwrite"], progress=not control["quiet"], **where)
     w = report.get("warmup")
     if w:
         console.print(f"warmup {'reused' if w['cached'] else 'trained'}: {len(w['subset_ids'])} examples, "

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from ..reports import ReportConfig, build_report
 from . import app
 from .common import console, friendly_errors
+from .options import field_opt, with_options
+
+# the report's settings, each from its ReportConfig field (doc and default written once there)
+REPORT = [field_opt(ReportConfig, name, tp, *flags) for name, tp, flags in (
+    ("model", str | None, ()), ("targets", Path | None, ()), ("pool", Path | None, ()),
+    ("token_view", bool, ("--token-view/--no-token-view",)), ("n_examples", int, ("--examples",)),
+    ("n_targets", int, ()), ("max_tokens", int, ()), ("device", str, ()), ("dtype", str | None, ()),
+    ("title", str, ()))]
 
 
 @app.command("report")
 @friendly_errors
+@with_options(REPORT)
 def report_cmd(
     dirs: Annotated[
         list[Path],
@@ -21,60 +31,14 @@ def report_cmd(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Report folder (index.html, PNGs, summary.json).")],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model", help="Model for the token view and tokenizer lengths (default: the one in run.json)."
-        ),
-    ] = None,
-    targets: Annotated[
-        Path | None,
-        typer.Option("--targets", help="Target file: the token view shows its saliency α per token."),
-    ] = None,
-    pool: Annotated[
-        Path | None,
-        typer.Option(
-            "--pool", help="Pool file, when it moved since the runs (default: the path in run.json)."
-        ),
-    ] = None,
-    token_view: Annotated[
-        bool,
-        typer.Option(
-            "--token-view/--no-token-view",
-            help="Token view of targets and top/bottom candidates (loads the model).",
-        ),
-    ] = True,
-    examples: Annotated[
-        int, typer.Option("--examples", help="Top and bottom candidates in the token view.")
-    ] = 3,
-    n_targets: Annotated[int, typer.Option("--n-targets", help="Target examples in the token view.")] = 10,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens shown per example.")] = 768,
     link_figures: Annotated[
         bool, typer.Option("--link-figures", help="Link the PNGs instead of embedding them in the page.")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N.")] = "auto",
-    dtype: Annotated[
-        str | None, typer.Option("--dtype", help="Default: the dtype recorded in run.json.")
-    ] = None,
-    title: Annotated[str, typer.Option("--title", help="Page title.")] = "trim-select report",
+    **options: Any,
 ) -> None:
     """Compare coresets: length distribution, source mix, score histograms, overlap and a token view."""
-    from ..reports import ReportConfig, build_report
-
     try:
-        cfg = ReportConfig(
-            model=model,
-            targets=targets,
-            pool=pool,
-            token_view=token_view,
-            n_examples=examples,
-            n_targets=n_targets,
-            max_tokens=max_tokens,
-            device=device,
-            dtype=dtype,
-            embed_figures=not link_figures,
-            title=title,
-        )
+        cfg = ReportConfig(embed_figures=not link_figures, **options)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     result = build_report(dirs, out, cfg)

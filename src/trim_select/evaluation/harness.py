@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import documented
 from ..models import LoadedModel
 from .answers import extract_number, numbers_match
 from .inference import (
@@ -39,20 +40,26 @@ MIN_SHARED_PREFIX = 64  # tokens: below this the k-shot prefix is not worth a ca
 class EvalConfig:
     """How a task is scored (not how a model is trained)."""
 
-    shots: int | None = None  # exemplars from dev.jsonl; None: 5 for multiple choice, 4 for math
-    limit: int | None = None  # evaluate a seeded random subset of this many test rows
-    limit_seed: int = 0  # seed of that subset (the same rows for every model and method)
-    max_new_tokens: int = 256  # math: greedy decoding budget
-    gen_batch_size: int = 16  # math: prompts per generate() call
-    batch_tokens: int = 8192  # padded tokens per log-likelihood forward batch
+    shots: int | None = documented(None, "Exemplars from dev.jsonl as chat turns (default: 5 multiple choice, "
+                                         "4 math).")
+    limit: int | None = documented(None, "Evaluate a seeded random subset of N test rows (the same rows for every "
+                                         "model).")
+    limit_seed: int = documented(0, "Seed of the --limit subset (the same rows for every model and method).")
+    max_new_tokens: int = documented(256, "Math: greedy decoding budget per answer.")
+    gen_batch_size: int = documented(16, "Math: prompts per generation batch.")
+    batch_tokens: int = documented(8192, "Padded tokens per log-likelihood batch.")
     max_length: int = 2048  # prompt + answer; longer prompts lose their left end (oldest exemplars)
     share_prefix: bool = True  # the k-shot exemplars (else each question's prompt) run once, KV cache reused
-    generate: bool = True  # math: greedy decoding for exact match (False: answer loss only, ~3x cheaper)
+    generate: bool = documented(True, "Math: greedy decoding for exact match (--no-generate: answer loss only, "
+                                      "~3x cheaper).")
     # fine-tuned models keep the LoRA adapter unmerged: merging into bf16 weights rounds W + BA
     # element by element, noise of the order of the fine-tuning effect on the answer loss
-    merge_adapter: bool = False
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 where supported (as TRIM scoring), else float32
+    merge_adapter: bool = documented(False, "Evaluate fine-tuned models with the LoRA merged into the weights "
+                                            "(faster; in bf16 the rounding of W + BA blurs small effects) or kept "
+                                            "apart (default).")
+    device: str = documented("auto", "auto|cpu|cuda|cuda:N (auto: cuda if available, else cpu).")
+    dtype: str = documented("auto", "Evaluation dtype: auto (bf16 where supported, as TRIM scoring)|float32|"
+                                    "bfloat16.")
 
     def __post_init__(self) -> None:
         if self.shots is not None and self.shots < 0:

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import collate, plan_batches
-from ..config import config_hash, to_dict
+from ..config import config_hash, documented, to_dict
 from ..data import Record, TokenSequence
 from ..io import write_json
 from ..models import LoadedModel, load_trainable_base, pad_id, resolve_device, resolve_model_path, resolve_train_dtype
@@ -58,32 +58,37 @@ class LoraRecipe:
     so the split never changes the update beyond float rounding.
     """
 
-    lr: float = 2e-5  # AdamW learning rate (Table 7)
-    schedule: str = "linear"  # linear decay after linear warmup (Table 7); or "constant"
-    warmup_ratio: float = 0.03  # share of optimizer steps with linear warmup (Table 7)
-    epochs: int = 4  # Table 7
-    batch_size: int = 64  # effective batch in examples (Table 7: 2 x 32 accumulation)
-    micro_batch_tokens: int = 4096  # padded tokens per forward/backward (runtime; Table 7: 2 x 2048)
-    # max sequences per micro-batch (runtime). 0 = auto: 1 on CPU -- no padding, so SDPA drops the mask
-    # and takes its flash kernel (SmolLM2 on a 2-core CPU: 4x faster in bf16, 3-5x less memory than
-    # padded micro-batches) -- and only the token budget on GPUs
-    micro_batch_size: int = 0
-    max_length: int = 2048  # Table 7; longer examples keep their end (the response)
-    lora_r: int = 128  # Table 7
-    lora_alpha: int = 512  # Table 7
-    lora_dropout: float = 0.1  # Table 7
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # Table 7
-    weight_decay: float = 0.0  # HF Trainer default (LESS sets none)
+    lr: float = documented(2e-5, "AdamW learning rate (Table 7).")
+    schedule: str = documented("linear", "linear|constant after the LR warmup (Table 7: linear decay).")
+    warmup_ratio: float = documented(0.03, "Share of optimizer steps with linear LR warmup (Table 7).")
+    epochs: int = documented(4, "Warmup epochs (Table 7).")
+    batch_size: int = documented(64, "Effective batch in examples (Table 7: 2 x 32 accumulation).")
+    micro_batch_tokens: int = documented(4096, "Padded tokens per forward/backward (memory; not the math; "
+                                               "Table 7: 2 x 2048).")
+    # 0 = auto: 1 on CPU -- no padding, so SDPA drops the mask and takes its flash kernel (SmolLM2 on a
+    # 2-core CPU: 4x faster in bf16, 3-5x less memory than padded micro-batches) -- and only the token
+    # budget on GPUs
+    micro_batch_size: int = documented(0, "Max sequences per micro-batch; 0: auto (1 on CPU: no padding mask, "
+                                          "faster and leaner; token budget only on GPU).")
+    max_length: int = documented(2048, "Truncate training sequences; longer examples keep their end, the "
+                                       "response (Table 7).")
+    lora_r: int = documented(128, "LoRA rank (Table 7).")
+    lora_alpha: int = documented(512, "LoRA alpha (Table 7).")
+    lora_dropout: float = documented(0.1, "LoRA dropout (Table 7).")
+    target_modules: tuple[str, ...] = documented(("q_proj", "k_proj", "v_proj", "o_proj"),
+                                                 "Module names to adapt, a comma list (Table 7).")
+    weight_decay: float = documented(0.0, "AdamW weight decay (HF Trainer default; LESS sets none).")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # HF Trainer default; 0 disables clipping
     train_eos: bool = True  # also learn the end-of-turn token after each assistant turn (open-instruct)
-    seed: int = 0  # data order, LoRA init, dropout
-    dtype: str = "auto"  # auto: bf16 autocast on GPUs that support it, float32 on CPU; or float32|bf16
-    device: str = "auto"  # auto: cuda if available, else cpu
-    save_steps: int = 0  # 0: a checkpoint at the end of every epoch; N: every N optimizer steps
-    gradient_checkpointing: bool = False  # trade compute for activation memory (large models)
+    seed: int = documented(0, "Seed of the data order, LoRA init and dropout.")
+    dtype: str = documented("auto", "auto (bf16 autocast on GPUs that support it, float32 on CPU)|float32|bf16 "
+                                    "(autocast; weights stay float32).")
+    device: str = documented("auto", "auto|cpu|cuda|cuda:N (auto: cuda if available, else cpu).")
+    save_steps: int = documented(0, "Checkpoint every N optimizer steps (0: at the end of every epoch).")
+    gradient_checkpointing: bool = documented(False, "Recompute activations (memory for compute; large models).")
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.micro_batch_tokens < 1:
