@@ -46,7 +46,6 @@ ALLOWED: dict[str, str] = {
     "evaluation/runner.py::evaluate": "evaluation internals are being replaced (issue 15)",
     "baselines/less.py::score_less": "LESS internals left as they are while issue 15 moves to TRL",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
-    "cli/evaluate.py::compare_cmd": "typer signature: options not yet built from the dataclasses",
     "engines/ray.py::score_ray": "Ray init, DataContext save/restore and the pipeline share one try/finally",
     "pipeline.py::run_pipeline": "76 lines, 33 of them its 19-parameter signature and docstring",
     "training/lora.py": "404 lines: recipe (Table 7 comments) and trainer kept in one module as issue 12 asks",
