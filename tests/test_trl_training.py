@@ -20,11 +20,11 @@ from trim_select.testing import CORPUS
 from trim_select.training.checkpoints import list_checkpoints, load_optimizer_state
 from trim_select.training.labels import epoch_order, label_loss_sum
 from trim_select.training.lora import LoraRecipe, train_lora, training_data
-from trim_select.training.trl_sft import HF_DIR, step_order, train_lora_trl
+from trim_select.training.trl_sft import HF_DIR, micro_batch_rows, step_order, train_lora_trl
 
 # dropout on, mid-epoch checkpoints, a partial last step per epoch (8 rows, batch 3): 9 steps, saves at 2,4,6,8,9
 RECIPE = LoraRecipe(lr=5e-3, epochs=3, batch_size=3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
-                    warmup_ratio=0.2, save_steps=2)
+                    warmup_ratio=0.2, save_steps=2, device="cpu")  # float32: exact comparisons
 
 
 @pytest.fixture(autouse=True)
@@ -212,3 +212,32 @@ def test_leaves_global_rngs_and_refuses_a_folder_of_the_other_backend(tiny_dir, 
         train_lora_trl(str(tiny_dir), _records(4), tmp_path / "ours", recipe, progress=False)
     res = train_lora_trl(str(tiny_dir), _records(4), tmp_path / "ours", recipe, progress=False, overwrite=True)
     assert not res.cached and json.loads((res.out_dir / "train.json").read_text())["backend"] == "trl"
+
+
+def test_micro_batch_rows_accumulate_to_the_recipe_batch():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert micro_batch_rows(LoraRecipe(), cpu) == 1  # no padding on CPU, as train_lora
+    assert micro_batch_rows(LoraRecipe(), gpu) == 2  # Table 7: 4096 tokens // 2048 = 2 rows, x32 accumulation
+    assert micro_batch_rows(LoraRecipe(batch_size=6, micro_batch_size=4), cpu) == 3  # largest divisor <= 4
+    assert micro_batch_rows(LoraRecipe(batch_size=8, micro_batch_tokens=1 << 20), gpu) == 8
+
+
+def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_dir, tmp_path):
+    recipe = replace(RECIPE, epochs=1)
+    plain = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "a", recipe, progress=False)
+    ckpt = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "b", replace(recipe, gradient_checkpointing=True),
+                          progress=False)
+    assert ckpt.losses == pytest.approx(plain.losses, abs=1e-6)
+    _assert_same_adapter(_adapter(plain.final), _adapter(ckpt.final), atol=1e-6)
+
+
+def test_bf16_autocast_follows_our_loop(tiny_dir, tmp_path):
+    # recipe dtype bf16: the Trainer's bf16=True autocasts on CPU too (float32 weights), like train_lora
+    recipe = replace(RECIPE, epochs=1, dtype="bf16")
+    ours = train_lora(str(tiny_dir), _records(6), tmp_path / "ours", recipe, progress=False)
+    res = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "trl", recipe, progress=False)
+    fp32 = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "fp32", replace(recipe, dtype="float32"),
+                          progress=False)
+    assert res.losses == pytest.approx(ours.losses, abs=2e-4)
+    assert max(abs(a - b) for a, b in zip(res.losses, fp32.losses, strict=True)) > 1e-5  # autocast is on
+    assert json.loads((res.out_dir / "train.json").read_text())["autocast_dtype"] == "bfloat16"

@@ -25,12 +25,20 @@ What is TRL's and what stays ours, and why:
   ``state.json``) from the live optimizer, so LESS/RDS and the warmup read them without unpickling;
   the Trainer's own folder ``OUT/hf`` keeps only the newest checkpoint and is removed when the run
   ends, leaving the layout of ``train_lora``.
+- **LoRA init** is TRL's: ``SFTTrainer`` calls ``set_seed(seed)`` right before ``get_peft_model``,
+  the ``torch.manual_seed(seed)`` that ``train_lora`` uses, so both start from the same adapter.
 
-Gaps against ``train_lora`` (why ``train_lora`` is kept): the Trainer batches a fixed number of
-rows (``micro_batch_size``; ``micro_batch_tokens`` token budgets are not available: a micro-batch
-size that does not divide ``batch_size`` falls back to 1 row); TRL's fused LM head also computes
-entropy and top-1 accuracy of every label token (extra cost, see ``benchmarks/training_backends.py``);
-the progress bar is the Trainer's (``desc`` is not shown).
+On CPU (float32, one row per forward) a run reproduces ``train_lora``'s losses and final adapter to
+float rounding (``tests/test_trl_training.py``). Gaps, and why ``train_lora`` is kept beside it:
+
+- The Trainer runs a fixed number of rows per forward (:func:`micro_batch_rows`), not
+  ``train_lora``'s per-step token budget (``micro_batch_tokens`` only sizes that number on GPUs),
+  so on a GPU its padded micro-batches, and with them the float rounding, differ from ours.
+- TRL's fused LM head also computes the entropy and top-1 accuracy of every label token (logged
+  metrics; extra cost measured by ``benchmarks/training_backends.py``).
+- The progress bar is the Trainer's (``desc`` is not shown); the Trainer's resume files in
+  ``OUT/hf`` are ``torch.save`` pickles read back with ``weights_only=True`` (the RNG file with
+  numpy's array types allow-listed, as transformers does); LESS never reads them.
 """
 
 from __future__ import annotations
@@ -72,10 +80,17 @@ def trl_key(records: Sequence[Record], recipe: LoraRecipe, base: Path) -> str:
 
 
 def micro_batch_rows(recipe: LoraRecipe, device: torch.device) -> int:
-    """Rows per forward/backward: ``micro_batch_size`` when it divides ``batch_size``, else 1 on CPU
-    (no padding, as ``train_lora``) and ``batch_size`` elsewhere."""
-    m = recipe.micro_batch_size or (1 if device.type == "cpu" else recipe.batch_size)
-    return m if recipe.batch_size % m == 0 else 1
+    """Rows per forward/backward (the Trainer's ``per_device_train_batch_size``).
+
+    ``micro_batch_size`` when set; else 1 on CPU (no padding, as ``train_lora``) and
+    ``micro_batch_tokens // max_length`` elsewhere (Table 7: 4096 // 2048 = 2 rows, accumulated 32
+    times); lowered to the largest divisor of ``batch_size`` so that accumulation gives the batch.
+    """
+    m = recipe.micro_batch_size or (1 if device.type == "cpu" else recipe.micro_batch_tokens // recipe.max_length)
+    m = max(1, min(m, recipe.batch_size))
+    while recipe.batch_size % m:
+        m -= 1
+    return m
 
 
 @contextmanager
@@ -131,8 +146,8 @@ def sft_config(recipe: LoraRecipe, out: Path, n: int, device: torch.device, prog
         adam_beta1=recipe.adam_beta1, adam_beta2=recipe.adam_beta2, adam_epsilon=recipe.adam_eps,
         max_grad_norm=recipe.max_grad_norm, optim="adamw_torch", seed=recipe.seed, data_seed=recipe.seed,
         bf16=amp == torch.bfloat16, fp16=False, use_cpu=device.type == "cpu",
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
+        activation_checkpointing=recipe.gradient_checkpointing,  # transformers 5's name of gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
         save_strategy="steps", save_steps=recipe.save_steps or steps_per_epoch, save_only_model=False,
         logging_strategy="steps", logging_steps=1, report_to=[], disable_tqdm=not progress,
         push_to_hub=False, dataloader_num_workers=0, max_length=None, packing=False, padding_free=False,
