@@ -51,6 +51,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -266,8 +267,10 @@ def make_trainer(net: Any, tokenizer: Any, dataset: Any, args: Any, lora: Any, r
             rec.add_loss(float(loss))
             return loss
 
-    return _Trainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
-                    callbacks=[make_callback(rec)])
+    with warnings.catch_warnings():  # peft asks a transformers 5 model for a deprecated attribute
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return _Trainer(model=net, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                        callbacks=[make_callback(rec)])
 
 
 def _session(model: str | os.PathLike | LoadedModel, records: Sequence[Record], out: Path, recipe: LoraRecipe,
