@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per backend (alternated)")
     ap.add_argument("--seed", type=int, default=0, help="row sample and recipe seed")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--epochs", type=int, default=None, help="override the evaluation recipe's epochs")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     pool = load_records(args.pool)
@@ -55,7 +56,7 @@ def main() -> None:
         raise ValueError(f"--rows {args.rows}: {args.pool} has only {len(pool)} rows")
     pick = np.sort(np.random.default_rng(args.seed).choice(len(pool), args.rows, replace=False))
     records = [pool[i] for i in pick]
-    recipe = evaluation_recipe(args.device, seed=args.seed)
+    recipe = evaluation_recipe(args.device, seed=args.seed, epochs=args.epochs)
     runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
