@@ -138,7 +138,7 @@ def lr_at(step: int, total_steps: int, recipe: LoraRecipe) -> float:
 
 
 
-def _adapter_key(param_name: str, adapter: str = "default") -> str:
+def adapter_key(param_name: str, adapter: str = "default") -> str:
     """Parameter name in the model -> name in ``adapter_model.safetensors`` (as peft saves it)."""
     return param_name.replace(f".{adapter}", "")
 
@@ -184,7 +184,7 @@ class TrainResult:
 
 
 
-def _train_key(records: Sequence[Record], recipe: LoraRecipe, base: Path) -> str:
+def train_key(records: Sequence[Record], recipe: LoraRecipe, base: Path) -> str:
     h = hashlib.sha256()
     for r in records:  # the messages, not r.raw: callers may build records in memory
         h.update(json.dumps([[m.role, m.content] for m in r.messages]).encode())
@@ -233,7 +233,7 @@ class _Session:
         return {id(p): name for name, p in self.params.items()}
 
 
-def _training_data(tokenizer: Any, records: Sequence[Record], recipe: LoraRecipe
+def training_data(tokenizer: Any, records: Sequence[Record], recipe: LoraRecipe
                    ) -> tuple[list[TokenSequence], np.ndarray, np.ndarray]:
     """(sequences with at least one label token, their label counts, their lengths)."""
     renderer = training_renderer(tokenizer, recipe)
@@ -257,7 +257,7 @@ def _setup(model: str | os.PathLike | LoadedModel, records: Sequence[Record], re
     device = resolve_device(recipe.device)
     amp_dtype = resolve_train_dtype(recipe.dtype, device)
     net, tokenizer, base_path = load_trainable_base(model, trust_remote_code)
-    seqs, n_labels, lengths = _training_data(tokenizer, records, recipe)
+    seqs, n_labels, lengths = training_data(tokenizer, records, recipe)
     net.config.use_cache = False
     if recipe.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -269,7 +269,7 @@ def _setup(model: str | os.PathLike | LoadedModel, records: Sequence[Record], re
         torch.manual_seed(recipe.seed)  # LoRA A init (B starts at zero)
         peft_model = get_peft_model(net, lora)
     peft_model.to(device)
-    params = {_adapter_key(name): p for name, p in peft_model.named_parameters() if p.requires_grad}
+    params = {adapter_key(name): p for name, p in peft_model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(params.values()), lr=recipe.lr,
                                   betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps,
                                   weight_decay=recipe.weight_decay)
@@ -309,7 +309,7 @@ def _step(s: _Session, recipe: LoraRecipe, step: int, total: int, steps_per_epoc
             "lr": lr, "tokens": step_tokens, "label_tokens": int(denom), "grad_norm": grad_norm}
 
 
-def _reuse_or_reset(out: Path, key: str, overwrite: bool) -> TrainResult | None:
+def reuse_or_reset(out: Path, key: str, overwrite: bool) -> TrainResult | None:
     """A finished run with ``key`` in ``out`` (returned), or None; other settings raise or are wiped."""
     manifest = out / "train_manifest.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("key") != key:
@@ -327,7 +327,7 @@ def _reuse_or_reset(out: Path, key: str, overwrite: bool) -> TrainResult | None:
     return None
 
 
-def _checkpoint_state(history: list[dict[str, Any]], since: int, tokens: int, seconds: float, total: int,
+def checkpoint_state(history: list[dict[str, Any]], since: int, tokens: int, seconds: float, total: int,
                       key: str) -> dict[str, Any]:
     """``state.json`` of a checkpoint after ``history[-1]``; lr and loss are means since step ``since``."""
     seg, rec = history[since:], history[-1]
@@ -362,8 +362,8 @@ def train_lora(
     if not records:
         raise ValueError("train_lora needs at least one record")
     base_path = (Path(model.path) if isinstance(model, LoadedModel) else resolve_model_path(model)).resolve()
-    key = _train_key(records, recipe, base_path)
-    cached = _reuse_or_reset(out, key, overwrite)
+    key = train_key(records, recipe, base_path)
+    cached = reuse_or_reset(out, key, overwrite)
     if cached is not None:
         return cached
     out.mkdir(parents=True, exist_ok=True)
@@ -392,7 +392,7 @@ def train_lora(
                         tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
         bar.update(1)
         if step + 1 == total or (step + 1) % (recipe.save_steps or steps_per_epoch) == 0:
-            state = _checkpoint_state(history, last_ckpt_step, tokens, seconds, total, key)
+            state = checkpoint_state(history, last_ckpt_step, tokens, seconds, total, key)
             dest = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step + 1:06d}"
             save_checkpoint(dest, s.peft_model, s.optimizer, s.names, s.base_path, state)
             last_ckpt_step = step + 1
