@@ -27,7 +27,8 @@ from .io import check_unchanged, file_identity, write_json
 from .locking import folder_lock
 from .models import resolve_model_path
 from .selection import parse_budget
-from .training.lora import LoraRecipe, TrainResult, train_lora
+from .training import fine_tune
+from .training.lora import LoraRecipe, TrainResult
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _warmup(pool_path: str | Path, out: Path, model: str | os.PathLike, fraction
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "subset.json", {"ids": [r.id for r in subset], "indices": [r.index for r in subset]})
     t0 = time.perf_counter()
-    train = train_lora(model, subset, out, recipe, progress=progress, overwrite=overwrite,
+    train = fine_tune(model, subset, out, recipe, progress=progress, overwrite=overwrite,
                        trust_remote_code=trust_remote_code, on_step=on_step)
     result = WarmupResult(train, tuple(r.id for r in subset), tuple(r.index for r in subset), fraction, seed,
                           n_records)

@@ -11,7 +11,7 @@ Output folder (every file written atomically; a rerun skips what is done)::
     OUT/evaluation.md               the same as Markdown tables
 
 A result file carries a key (data, recipe, model, task, evaluation settings); a rerun with the same
-key reuses it, a different key recomputes it. Training itself is :func:`trim_select.warmup.train_lora`
+key reuses it, a different key recomputes it. Training itself is :func:`trim_select.training.fine_tune`
 (also resumable).
 """
 
@@ -197,7 +197,7 @@ def train_and_evaluate(
     hash and the seed, so the same coreset is trained once whatever asks for it. Returns
     ``{task name: result}`` (cached in ``OUT/<task>/seed-<seed>.json``).
     """
-    from ..training.lora import train_lora
+    from ..training import fine_tune
 
     out = Path(out_dir)
     config = config if config is not None else EvalConfig()
@@ -214,7 +214,7 @@ def train_and_evaluate(
     train_dir = train_dir / f"{digest}-seed-{seed}"
     _say(progress, f"fine-tuning {model} on {len(records)} rows (seed {seed}) -> {train_dir}")
     t0 = time.perf_counter()
-    trained = train_lora(model, records, train_dir, recipe, progress=progress)
+    trained = fine_tune(model, records, train_dir, recipe, progress=progress)
     train_wall = time.perf_counter() - t0
     summary = {"dir": str(train_dir), "adapter": str(trained.final), "cached": trained.cached,
                "n_examples": trained.n_examples, "steps": len(trained.history), "tokens": trained.tokens,

@@ -48,6 +48,9 @@ from .labels import epoch_order, label_loss_sum, training_renderer, training_seq
 
 log = logging.getLogger(__name__)
 
+TRAINERS: tuple[str, ...] = ("trl", "native")
+
+
 @dataclass(frozen=True)
 class LoraRecipe:
     """LoRA SFT hyperparameters; defaults are the paper's Table 7 (shared with LESS).
@@ -89,6 +92,8 @@ class LoraRecipe:
     device: str = documented("auto", "auto|cpu|cuda|cuda:N (auto: cuda if available, else cpu).")
     save_steps: int = documented(0, "Checkpoint every N optimizer steps (0: at the end of every epoch).")
     gradient_checkpointing: bool = documented(False, "Recompute activations (memory for compute; large models).")
+    trainer: str = documented("trl", "trl (TRL SFTTrainer + peft, training/trl_sft.py)|native (our loop, "
+                                     "training/lora.py; same losses to float rounding on CPU).")
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.micro_batch_tokens < 1:
@@ -105,6 +110,8 @@ class LoraRecipe:
             raise ValueError("target_modules must name at least one module")
         if self.micro_batch_size < 0:
             raise ValueError(f"micro_batch_size must be >= 0, got {self.micro_batch_size}")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS}, got {self.trainer!r}")
         if self.save_steps < 0:
             raise ValueError(f"save_steps must be >= 0, got {self.save_steps}")
         if isinstance(self.target_modules, list):  # tolerate lists from JSON
