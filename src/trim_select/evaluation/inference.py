@@ -131,6 +131,15 @@ def _logit_head(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return apply
 
 
+def next_token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, ids: torch.Tensor,
+                        rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``log p(ids[r, c + 1] | hidden[r, c])`` for each (row, col) pair: the LM head only where needed."""
+    rows_t = torch.from_numpy(rows).to(hidden.device)
+    cols_t = torch.from_numpy(cols).to(hidden.device)
+    logp = torch.log_softmax(head(hidden[rows_t, cols_t]), dim=-1)
+    return logp.gather(1, ids[rows_t, cols_t + 1].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+
+
 @torch.inference_mode()
 def continuation_logprobs(
     model: Any,
@@ -166,9 +175,7 @@ def continuation_logprobs(
         hidden = decoder(input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device)).last_hidden_state
         # position p predicts token p + 1
         rows, cols = np.nonzero(target[:, 1:])
-        rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-        logp = torch.log_softmax(head(hidden[rows_t, cols_t]), dim=-1)
-        tok_lp = logp.gather(1, ids_t[rows_t, cols_t + 1].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+        tok_lp = next_token_logprobs(head, hidden, ids_t, rows, cols)
         np.add.at(sums, np.asarray(batch)[rows], tok_lp)
         if on_batch is not None:
             on_batch(len(batch))
@@ -236,9 +243,7 @@ def shared_prefix_logprobs(
             for r, c in enumerate(conts):
                 valid[r, :len(c) - 1] = True
             rows, cols = np.nonzero(valid)
-            rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-            logp = torch.log_softmax(head(hidden[rows_t, cols_t]), dim=-1)
-            tok_lp = logp.gather(1, ids_t[rows_t, cols_t + 1].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+            tok_lp = next_token_logprobs(head, hidden, ids_t, rows, cols)
             np.add.at(sums, rows, tok_lp)
         sums_out.append(sums)
         counts_out.append(np.array([len(c) for c in conts], dtype=np.int64))
@@ -314,9 +319,7 @@ def prefix_cached_logprobs(
         hidden = decoder(input_ids=ids_t, attention_mask=torch.from_numpy(attn).to(device), position_ids=pos,
                          past_key_values=cache, use_cache=True).last_hidden_state
         rows, cols = np.nonzero(target[:, 1:])  # remainder position j predicts its token j + 1
-        rows_t, cols_t = torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)
-        logp = torch.log_softmax(head(hidden[rows_t, cols_t]), dim=-1)
-        tok_lp = logp.gather(1, ids_t[rows_t, cols_t + 1].unsqueeze(1)).squeeze(1).double().cpu().numpy()
+        tok_lp = next_token_logprobs(head, hidden, ids_t, rows, cols)
         np.add.at(sums, np.asarray(batch)[rows], tok_lp)
         if on_batch is not None:
             on_batch(len(batch))
