@@ -61,7 +61,6 @@ import pyarrow.parquet as pq
 from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from ..data import ReadStats, Record, Renderer, read_records
 from ..fingerprints import Fingerprints
-from ..interrupts import check_stop
 from ..io import (
     SCORE_COLUMNS,
     InputChangedError,
@@ -201,7 +200,7 @@ def score_chunk(writer: ScoreWriter, k: int, scorer: Scorer, records: Sequence[R
                 on_part: Callable[[int], None] | None = None) -> None:
     """Stage II of one chunk (Eqs. 12-15 via :class:`~trim_select.scoring.Scorer`), written as part
     ``k`` through ``writer`` (counted in ``writer.computed``); ``on_part(k)`` runs after the part is on
-    disk (the fault hook); then stops (KeyboardInterrupt) if SIGINT/SIGTERM arrived meanwhile."""
+    disk (the fault hook)."""
     det = scorer.score_sequences(list(seqs), on_batch=on_batch)
     cols = {"index": np.array([r.index for r in records], dtype=np.int64),
             "id": [r.id for r in records], **det.columns(),
@@ -210,7 +209,6 @@ def score_chunk(writer: ScoreWriter, k: int, scorer: Scorer, records: Sequence[R
     writer.computed += 1
     if on_part is not None:
         on_part(k)
-    check_stop()  # the signal's own KeyboardInterrupt may have been swallowed by a finalizer
 
 
 def render_all(renderer: Renderer, records: Sequence[Record]) -> list[Any]:
