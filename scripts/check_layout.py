@@ -18,7 +18,8 @@ MAX_FILE, MAX_FUNC = 400, 60
 # The rooms, bottom to top: data flows records -> token sequences -> fingerprints -> scores ->
 # coreset -> evidence. A module may import its own room and rooms below it, never above.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("config", "io", "locking", "data", "host", "batching", "selection", "progress", "testing")),
+    ("ground", ("config", "io", "locking", "interrupts", "data", "host", "batching", "selection", "progress",
+                "testing")),
     ("models", ("models",)),
     ("method", ("saliency", "fingerprints", "scoring")),
     ("outputs", ("outputs",)),

@@ -37,6 +37,7 @@ from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig,
 from .data import Message, ReadStats, Record, Renderer, TokenSequence, as_sequence, read_records
 from .engines.base import column_sum, render_all, run_in_process, score_chunk
 from .fingerprints import Fingerprints, build_fingerprints
+from .interrupts import check_stop
 from .io import RejectWriter, ScoreWriter, file_identity
 from .locking import folder_lock
 from .models import LoadedModel, load_model
@@ -319,11 +320,13 @@ class TrimSelector:
 
 def _finish_chunk(writer: ScoreWriter, scorer: Scorer, k: int, chunk: list[Record], fut: Any, bar: Any,
                   on_part: Callable[[int], None] | None) -> None:
-    """Score a rendered chunk (``fut`` is None when its part file already exists) and write it."""
+    """Score a rendered chunk (``fut`` is None when its part file already exists) and write it; then
+    stop if SIGINT/SIGTERM came whose own KeyboardInterrupt a finalizer swallowed (:mod:`.interrupts`)."""
     if fut is None:
         bar.update(len(chunk))
     else:
         score_chunk(writer, k, scorer, chunk, fut.result(), on_batch=bar.update, on_part=on_part)
+    check_stop()
 
 
 def _fp_hash(fp: Fingerprints) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 
 from ..config import SCOPES, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
+from ..interrupts import stop_on_signals
 
 console = Console(stderr=True)
 
@@ -66,21 +66,16 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        signal.signal(signal.SIGTERM, _terminate)
-        try:
-            return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: finished chunks are kept; rerun the same command to resume")
-            sys.exit(130)
-        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
-            if os.environ.get("TRIM_SELECT_DEBUG"):
-                raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+        with stop_on_signals():  # SIGINT/SIGTERM unwind like Ctrl-C: temp files removed, parts kept
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                console.print("[yellow]interrupted[/]: finished chunks are kept; rerun the same command to resume")
+                sys.exit(130)
+            except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+                if os.environ.get("TRIM_SELECT_DEBUG"):
+                    raise
+                console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                sys.exit(2)
 
     return wrapper
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    """SIGTERM unwinds like Ctrl-C, so temporary files are removed and finished chunks are kept."""
-    raise KeyboardInterrupt

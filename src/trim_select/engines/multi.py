@@ -22,6 +22,7 @@ import numpy as np
 from ..data import ReadStats, Record, read_records
 from ..fingerprints import Fingerprints
 from ..host import RenderPool
+from ..interrupts import check_stop
 from ..io import RejectWriter, ScoreWriter, file_identity
 from ..outputs import RunReport, duplicate_ids
 from ..progress import count_rows, progress_bar
@@ -143,6 +144,7 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, out_dir: Path, fps: Map
                 writers[name].write(k, {**base, **details[name].columns(), "n_truncated": trunc})
                 if on_part is not None:
                     on_part(k)
+                check_stop()  # a swallowed SIGINT/SIGTERM still stops the run
     bar.close()
     for r in rejects:
         r.close()
