@@ -238,6 +238,11 @@ def test_second_command_into_a_locked_folder_stops_naming_the_pid(tiny_dir, tmp_
             "--dtype", "float32", "--quiet"]])
         assert res.exit_code == 2 and f"pid {holder.pid}" in res.output and "in use" in res.output
         assert not (out / "parts").exists()
+        res = CliRunner().invoke(app, [str(a) for a in [  # several target sets lock the folder too
+            "select", "--pool", pool, "--targets", f"a={targets}", "--targets", f"b={targets}", "--budget", "3",
+            "--out", out, "--model", tiny_dir, "--dtype", "float32", "--quiet"]])
+        assert res.exit_code == 2 and f"pid {holder.pid}" in res.output and "in use" in res.output
+        assert not (out / "a").exists()
     finally:
         holder.kill()
         holder.wait()

@@ -10,6 +10,7 @@ import typer
 from ..engines import dispatch as dist
 from ..engines.multi import MULTI_ENGINE_ERROR, parse_budgets, run_many_in_process, target_sets
 from ..fingerprints import Fingerprints
+from ..locking import folder_lock
 from ..selector import TrimSelector
 from . import app
 from .common import RENDER, build_configs, console, friendly_errors
@@ -84,8 +85,9 @@ def select_many(sel: Any, pool: Path, out: Path, budgets: list[str], targets: li
         raise typer.BadParameter(f"{MULTI_ENGINE_ERROR}: leave out --engine ray, --workers, --ray-address "
                                  "and --shard, or run one target set per command")
     sets = target_sets(targets)
-    report = run_many_in_process(sel, pool, out, parse_budgets(budgets, sets), sets, **kw)
-    report.write(out)
+    with folder_lock(out, "select --targets (several)"):
+        report = run_many_in_process(sel, pool, out, parse_budgets(budgets, sets), sets, **kw)
+        report.write(out)
     for name, entry in report["targets"].items():
         console.print(f"[bold green]{name}[/]: selected {entry['selected']} of {entry['scored']} -> {out / name}",
                       highlight=False)
