@@ -192,3 +192,26 @@ def test_bad_checkpoint_name_is_a_clear_error(tiny_dir, data, tmp_path):
             tiny_dir, "--checkpoints", "step-42", *WARM)
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 2 and "no checkpoint 'step-42'" in res.output
+
+
+def test_run_with_several_target_sets_warms_up_once_and_equals_select_per_target(tiny_dir, data, tmp_path):
+    pool, t1, t2 = data
+    out = tmp_path / "out"
+    _invoke("run", "--pool", pool, "--targets", f"a={t1}", "--targets", f"b={t2}", "--budget", "a=25%",
+            "--budget", "b=3", "--out", out, "--model", tiny_dir, "--dtype", "float32", *WARM)
+    assert (out / "warmup" / "warmup.json").exists() and not (out / "runs").exists()
+    top = json.loads((out / "targets" / "run.json").read_text())
+    assert sorted(top["targets"]) == ["a", "b"] and top["cost"]["pool_passes"] == 1
+    for name, targets, budget in (("a", t1, "25%"), ("b", t2, "3")):
+        one = tmp_path / f"one-{name}"
+        _invoke("select", "--pool", pool, "--targets", targets, "--budget", budget, "--out", one,
+                "--model", out / "warmup" / "final", "--dtype", "float32", "--quiet")
+        assert (out / "targets" / name / "coreset.jsonl").read_bytes() == (one / "coreset.jsonl").read_bytes()
+        got = pq.read_table(out / "targets" / name / "scores.parquet").column("score").to_numpy()
+        np.testing.assert_array_equal(got, pq.read_table(one / "scores.parquet").column("score").to_numpy())
+        run = json.loads((out / "targets" / name / "run.json").read_text())
+        assert run["command"] == "run" and run["warmup"]["dir"] == str(out / "warmup")
+    stamp = (out / "warmup" / "warmup.json").stat().st_mtime_ns
+    _invoke("run", "--pool", pool, "--targets", f"a={t1}", "--targets", f"b={t2}", "--budget", "a=25%",
+            "--budget", "b=3", "--out", out, "--model", tiny_dir, "--dtype", "float32", *WARM)
+    assert (out / "warmup" / "warmup.json").stat().st_mtime_ns == stamp  # the warmup is reused

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -224,3 +224,41 @@ def _run_extra(run_dir: Path, out: Path, targets: str | Path, pipeline: Pipeline
         "checkpoints": [dict(c.to_dict(), weight=float(w)) for c, w in zip(stage.ckpts, stage.weights,
                                                                            strict=True)],
     }
+
+
+def run_pipeline_many(pool: str | Path, targets: Mapping[str, Path], out_dir: str | Path,
+                      budgets: Mapping[str, Any], *, model: str = "default", pipeline: PipelineConfig | None = None,
+                      render: RenderConfig | None = None, fingerprint: FingerprintConfig | None = None,
+                      scoring: ScoreConfig | None = None, runtime: RuntimeConfig | None = None,
+                      format: str | None = None, target_format: str | None = None, skip_invalid: bool = False,
+                      overwrite: bool = False, progress: bool = True) -> RunReport:
+    """:func:`run_pipeline` for several target sets: one warmup, then one pool pass for all of them.
+
+    ``OUT/warmup/`` as for one target set; ``OUT/targets/<name>/`` holds what a single-target ``select``
+    with the warmed model writes (:func:`~trim_select.engines.multi.run_many_in_process`; resumable,
+    each target's scores reused while its inputs are unchanged), ``OUT/targets/run.json`` the shared
+    cost. Several target sets score with one model: the last checkpoint (Table 8's default).
+    """
+    from .engines.multi import run_many_in_process
+
+    out = Path(out_dir)
+    pipeline = pipeline or PipelineConfig()
+    if pipeline.checkpoints != "last":
+        raise ValueError("several target sets score with the warmup's last checkpoint only: drop --checkpoints, "
+                         "or run one target set per command")
+    with folder_lock(out, "run --targets (several)"):
+        out.mkdir(parents=True, exist_ok=True)
+        for budget in budgets.values():
+            parse_budget(budget, 10**15)  # fail fast on a malformed budget, before any training
+        runtime = runtime or RuntimeConfig()
+        stage = _warm_stage(pool, out, model, pipeline, runtime, format, skip_invalid, progress, overwrite)
+        sel = TrimSelector(stage.models[0], render=render or RenderConfig(),
+                           fingerprint=fingerprint or FingerprintConfig(), scoring=scoring or ScoreConfig(),
+                           runtime=runtime, progress=progress)
+        extra = _run_extra(out / "targets", out, next(iter(targets.values())), pipeline, stage)
+        extra["pipeline"]["targets"] = {name: str(Path(p).resolve()) for name, p in targets.items()}
+        top = run_many_in_process(sel, pool, out / "targets", budgets, targets, format=format,
+                                  target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
+                                  extra=extra)
+        top.write(out / "targets")
+    return top

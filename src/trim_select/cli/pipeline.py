@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..config import WARMUP_FRACTION, RuntimeConfig
+from ..engines.multi import MULTI_ENGINE_ERROR, parse_budgets, target_sets
 from ..training.lora import LoraRecipe
 from . import app
 from .common import build_configs, console, friendly_errors
-from .core import summarise
+from .core import BudgetMany, TargetsMany, summarise
 from .options import (
     CHUNKS,
     CONTROL,
@@ -20,7 +22,6 @@ from .options import (
     STAGE_I,
     STAGE_II,
     TOKENS,
-    Budget,
     Device,
     Format,
     Model,
@@ -28,7 +29,6 @@ from .options import (
     Out,
     Pool,
     TargetFormat,
-    Targets,
     Trust,
     field_opt,
     make_recipe,
@@ -77,8 +77,8 @@ def warmup_cmd(pool: Pool, out: Out, model: Model = "default", fraction: Fractio
 @with_options(RECIPE, RUN_WARMUP, TOKENS, STAGE_I, STAGE_II, FORWARD, CHUNKS, ENGINE, CONTROL)
 def run_cmd(
     pool: Pool,
-    targets: Targets,
-    budget: Budget,
+    targets: TargetsMany,
+    budget: BudgetMany,
     out: Out,
     model: Model = "default",
     no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Score with the base model (no warmup).")]
@@ -96,9 +96,10 @@ def run_cmd(
 
     OUT/warmup/ holds the warmed adapter (reused by every later run with the same warmup settings),
     OUT/runs/<hash>/ the outputs per target set and selection settings, and OUT/coreset.jsonl,
-    scores.parquet, run.json are copies of the latest run. Rerun the same command after a crash.
+    scores.parquet, run.json are copies of the latest run. Several --targets: one warmup and one pool
+    pass for all, outputs in OUT/targets/<name>/. Rerun the same command after a crash.
     """
-    from ..pipeline import PipelineConfig, run_pipeline
+    from ..pipeline import PipelineConfig, run_pipeline, run_pipeline_many
 
     control, where, recipe = pick(options, CONTROL), pick(options, ENGINE), pick(options, RECIPE)
     warm = pick(options, RUN_WARMUP)
@@ -107,7 +108,21 @@ def run_cmd(
                          device=runtime.device)
     cfg = PipelineConfig(use_warmup=not no_warmup, fraction=fraction, seed=seed, recipe=recipe,
                          checkpoints=checkpoints)
-    report = run_pipeline(pool, targets, out, budget, model=model, pipeline=cfg, render=render,
+    if len(targets) > 1 or Path(targets[0]).is_dir() or ("=" in targets[0] and not Path(targets[0]).exists()):
+        if where.get("engine", "local") != "local" or where.get("workers") or where.get("ray_address"):
+            raise typer.BadParameter(f"{MULTI_ENGINE_ERROR}: leave out --engine ray, --workers and --ray-address")
+        sets = target_sets(targets)
+        top = run_pipeline_many(pool, sets, out, parse_budgets(budget, sets), model=model, pipeline=cfg,
+                                render=render, fingerprint=fpc, scoring=scoring, runtime=runtime, format=format,
+                                target_format=target_format, skip_invalid=control["skip_invalid"],
+                                overwrite=control["overwrite"], progress=not control["quiet"])
+        for name, entry in top["targets"].items():
+            console.print(f"[bold green]{name}[/]: selected {entry['selected']} of {entry['scored']} -> "
+                          f"{out / 'targets' / name}", highlight=False)
+        return
+    if len(budget) != 1 or "=" in budget[0]:
+        raise typer.BadParameter(f"one target set takes one --budget (a count or a share), got {budget}")
+    report = run_pipeline(pool, Path(targets[0]), out, budget[0], model=model, pipeline=cfg, render=render,
                           fingerprint=fpc, scoring=scoring, runtime=runtime, format=format,
                           target_format=target_format, skip_invalid=control["skip_invalid"],
                           overwrite=control["overwrite"], progress=not control["quiet"], **where)
