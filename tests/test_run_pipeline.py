@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import trim_select.training.lora as lora
+import trim_select.training.trl_sft as trl_sft
 import trim_select.warmup as wu
 from trim_select.cli import app
 from trim_select.testing import CORPUS
@@ -85,7 +86,7 @@ def test_rerun_with_new_targets_or_budget_skips_the_warmup(tiny_dir, data, tmp_p
     def no_training(*a, **k):
         raise AssertionError("warmup retrained")
 
-    monkeypatch.setattr(wu, "train_lora", no_training)
+    monkeypatch.setattr(wu, "fine_tune", no_training)
     _invoke("run", "--pool", pool, "--targets", t2, "--budget", "4", "--out", out, "--model", tiny_dir, *WARM)
     second = json.loads((out / "run.json").read_text())
     assert second["warmup"]["cached"] and not first["warmup"]["cached"]
@@ -119,7 +120,8 @@ def test_run_continues_an_interrupted_warmup(tiny_dir, data, tmp_path, monkeypat
         wu.warmup(pool, out / "warmup", str(tiny_dir), 0.5, 0, recipe, progress=False, on_step=crash)
     saved: list[str] = []
     real = lora.save_checkpoint
-    monkeypatch.setattr(lora, "save_checkpoint", lambda dest, *a: (saved.append(dest.name), real(dest, *a)))
+    for trainer in (lora, trl_sft):  # whichever trainer the recipe names
+        monkeypatch.setattr(trainer, "save_checkpoint", lambda dest, *a: (saved.append(dest.name), real(dest, *a)))
     _invoke("run", "--pool", pool, "--targets", t1, "--budget", "4", "--out", out, "--model", tiny_dir, *WARM)
     assert saved == ["step-000006"]  # resumed from step-000003: only the second epoch was trained
     report = json.loads((out / "run.json").read_text())
