@@ -278,3 +278,25 @@ def test_lock_is_released_on_exceptions(tmp_path):
     with pytest.raises(KeyboardInterrupt), folder_lock(tmp_path, "test"):
         raise KeyboardInterrupt
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_resumed_run_reports_the_stage2_seconds_of_every_part_it_reused(tiny_dir, tmp_path):
+    from trim_select.io import PART_SECONDS
+
+    pool, targets = _files(tmp_path)
+    out = tmp_path / "out"
+    args = ["select", "--pool", pool, "--targets", targets, "--budget", "3", "--out", out, "--model", tiny_dir,
+            "--dtype", "float32", "--chunk-size", "4", "--quiet"]
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    parts = sorted((out / "parts").glob("part-*.parquet"))
+    recorded = [float(pq.read_schema(p).metadata[PART_SECONDS.encode()]) for p in parts]
+    assert len(parts) > 1 and all(s > 0 for s in recorded)
+    first = json.loads((out / "run.json").read_text())["cost"]
+    assert first["stage2_seconds_all_runs"] == pytest.approx(sum(recorded), abs=0.01)
+    res = CliRunner().invoke(app, [str(a) for a in args])  # every part reused: nothing scored again
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "run.json").read_text())["cost"]
+    assert again["stage2_seconds_all_runs"] == first["stage2_seconds_all_runs"]
+    assert pq.read_table(out / "scores.parquet").schema.metadata is None or \
+        PART_SECONDS.encode() not in pq.read_table(out / "scores.parquet").schema.metadata

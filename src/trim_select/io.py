@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,18 @@ class RejectWriter:
             self._fh = None
 
 
+PART_SECONDS = "trim_select.seconds"
+
+
+def part_seconds(out_dir: str | Path) -> float:
+    """Sum of the wall seconds the parts in ``OUT/parts/`` recorded (0 for parts without the field)."""
+    total = 0.0
+    for p in sorted((Path(out_dir) / "parts").glob("part-*.parquet")):
+        meta = pq.read_schema(p).metadata or {}
+        total += float(meta.get(PART_SECONDS.encode(), b"0"))
+    return round(total, 3)
+
+
 class ScoreWriter:
     """Owns ``DIR/parts/part-NNNNN.parquet``: one file per scoring chunk, written atomically.
 
@@ -201,6 +214,7 @@ class ScoreWriter:
         self.key = key
         self.shard = shard
         self.computed = 0  # chunks scored by this process (run.json: proof that a resume reused parts)
+        self._since = time.perf_counter()  # a part records the wall seconds since the writer's last write
         manifest = self.dir / "manifest.json"
         prev: dict[str, Any] = {}
         if manifest.exists():
@@ -230,13 +244,23 @@ class ScoreWriter:
         return self.part_path(chunk).exists()
 
     def write(self, chunk: int, columns: dict[str, np.ndarray | list]) -> None:
-        write_parquet(self.part_path(chunk), pa.table(columns))
+        """Part ``chunk``, with the seconds this process spent on it (``PART_SECONDS`` metadata), so a
+        resumed run still reports what all its parts cost (:meth:`part_seconds`)."""
+        now = time.perf_counter()
+        table = pa.table(columns).replace_schema_metadata({PART_SECONDS: f"{now - self._since:.3f}"})
+        write_parquet(self.part_path(chunk), table)
+        self._since = now
+
+    def part_seconds(self) -> float:
+        """Wall seconds recorded by every part on disk, whichever process wrote it."""
+        return part_seconds(self.dir.parent)
 
     def read_all(self) -> pa.Table:
         parts = sorted(self.dir.glob("part-*.parquet"))
         if not parts:
             return pa.table({c: [] for c in SCORE_COLUMNS})
-        return pa.concat_tables([pq.read_table(p) for p in parts]).sort_by("index")
+        tables = [pq.read_table(p).replace_schema_metadata(None) for p in parts]  # timings stay in the parts
+        return pa.concat_tables(tables).sort_by("index")
 
 
 def copy_selected_lines(records_raw: dict[int, bytes], order: list[int], path: str | Path) -> None:

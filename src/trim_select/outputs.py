@@ -20,7 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .data import DataError, read_records
-from .io import InputChangedError, atomic_path, file_identity, package_versions, write_json, write_parquet
+from .io import (
+    InputChangedError,
+    atomic_path,
+    file_identity,
+    package_versions,
+    part_seconds,
+    write_json,
+    write_parquet,
+)
 from .selection import rank, select_top
 
 RUN_FILE = "run.json"
@@ -41,6 +49,8 @@ class RunReport(dict):
         report gets its ``cost`` here, from the final ``timings_s`` and counts."""
         if "cost" not in self:
             self["cost"] = trim_cost(self)
+            if (Path(out_dir) / "parts").is_dir():  # Stage II over every process that scored a part
+                self["cost"]["stage2_seconds_all_runs"] = part_seconds(out_dir)
         path = Path(out_dir) / RUN_FILE
         write_json(path, dict(self))
         return path

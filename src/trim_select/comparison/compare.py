@@ -95,9 +95,11 @@ def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_di
 
 
 def selection_cost(report: dict[str, Any]) -> dict[str, Any]:
-    """Seconds and forward/backward passes of a selection, from its run.json ``cost`` section."""
+    """Seconds and forward/backward passes of a selection, from its run.json ``cost`` section; a
+    selection resumed from finished Stage II parts counts the seconds those parts recorded."""
     c = report["cost"]
-    return {"seconds": c.get("wall_seconds"), "forward_passes": c.get("forward_passes"),
+    seconds = max(c.get("wall_seconds") or 0.0, c.get("stage2_seconds_all_runs") or 0.0)
+    return {"seconds": seconds, "forward_passes": c.get("forward_passes"),
             "backward_passes": c.get("backward_passes"), "tokens": c.get("tokens")}
 
 

@@ -334,8 +334,8 @@ def read_parts(out_dir: Path, plan: ShardPlan, stats: ReadStats) -> pa.Table:
         raise RuntimeError(f"{out_dir / 'parts'} has parts beyond the pool's {n_chunks} chunks "
                            f"({', '.join(extra_parts[:5])}): the pool file changed since scoring")
     if n_chunks:
-        table = pa.concat_tables([pq.read_table(part_path(out_dir, k)) for k in range(n_chunks)],
-                                 promote_options="default").sort_by("index")
+        table = pa.concat_tables([pq.read_table(part_path(out_dir, k)).replace_schema_metadata(None)
+                                  for k in range(n_chunks)], promote_options="default").sort_by("index")
     else:
         table = pa.table({c: [] for c in SCORE_COLUMNS})
     index = table.column("index").to_numpy()

@@ -23,7 +23,7 @@ from ..data import ReadStats, Record, read_records
 from ..fingerprints import Fingerprints
 from ..host import RenderPool
 from ..interrupts import check_stop
-from ..io import RejectWriter, ScoreWriter, file_identity
+from ..io import RejectWriter, ScoreWriter, file_identity, part_seconds
 from ..outputs import RunReport, duplicate_ids
 from ..progress import count_rows, progress_bar
 from ..scoring import Scorer
@@ -189,5 +189,6 @@ def run_many_in_process(sel: TrimSelector, pool: str | Path, out_dir: str | Path
                      "timings_s": {**shared, "total": wall},
                      **(extra or {})})
     top["cost"] = {"wall_seconds": wall, "forward_passes": n_target + stats.records, "backward_passes": 0,
-                   "tokens": tokens + n_target_tok, "pool_passes": 1}
+                   "tokens": tokens + n_target_tok, "pool_passes": 1,
+                   "stage2_seconds_all_runs": max((part_seconds(out_dir / n) for n in tables), default=0.0)}
     return top
