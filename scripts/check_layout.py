@@ -42,8 +42,6 @@ ALLOWED: dict[str, str] = {
     "reports/load.py::load_pools": "67 lines: moved verbatim from reports.py",
     "reports/stats.py::compute_summary": "63 lines: moved verbatim from reports.py",
     "data.py": "owned by issue 13 (readers); not restructured here",
-    "evaluation/inference.py::shared_prefix_logprobs": "evaluation internals are being replaced (issue 15)",
-    "evaluation/runner.py::evaluate": "evaluation internals are being replaced (issue 15)",
     "baselines/less.py::score_less": "LESS internals left as they are while issue 15 moves to TRL",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
     "engines/ray.py::score_ray": "Ray init, DataContext save/restore and the pipeline share one try/finally",

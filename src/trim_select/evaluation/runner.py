@@ -303,6 +303,30 @@ def evaluation_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _task_entry(task: Task, refs: list[dict[str, Any]], runs: list[dict[str, Any]], config: EvalConfig
+                ) -> dict[str, Any]:
+    """One task of ``evaluation.json``: its rows, the reference rows and the fine-tuned seeds."""
+    first = (refs + runs)[0] if refs or runs else None
+    entry: dict[str, Any] = {
+        "path": task.path, "kind": task.kind, "primary_metric": PRIMARY_METRIC[task.kind],
+        "n": first["n"] if first else None, "n_test": len(task.test),
+        "limit_seed": first.get("limit_seed") if first else None,
+        "shots": config.shots_for(task), "max_new_tokens": config.max_new_tokens,
+        "generate": config.generate,
+        "references": [{k: r[k] for k in ("label", "model", "metrics", "seconds")} for r in refs],
+    }
+    if runs:
+        entry["finetuned"] = {
+            "seeds": [r["seed"] for r in runs],
+            "metrics": aggregate(task.kind, runs),
+            "per_seed": [{"seed": r["seed"], "metrics": r["metrics"], "train": r["train"],
+                          "eval_seconds": r["seconds"]} for r in runs],
+            "train_seconds_mean": float(np.mean([r["train"]["seconds"] for r in runs])),
+            "eval_seconds_mean": float(np.mean([r["seconds"] for r in runs])),
+        }
+    return entry
+
+
 def evaluate(
     tasks: Sequence[str | Path],
     out_dir: str | Path,
@@ -354,29 +378,8 @@ def evaluate(
                                                 progress=progress).items():
                 runs[name].append(res)
     summary: dict[str, Any] = {"command": "evaluate", "model": model, "eval_config": to_dict(config),
-                               "train": train_info, "tasks": {}}
-    for task in loaded:
-        first = (refs[task.name] + runs[task.name])[0] if refs[task.name] or runs[task.name] else None
-        entry: dict[str, Any] = {
-            "path": task.path, "kind": task.kind, "primary_metric": PRIMARY_METRIC[task.kind],
-            "n": first["n"] if first else None, "n_test": len(task.test),
-            "limit_seed": first.get("limit_seed") if first else None,
-            "shots": config.shots_for(task), "max_new_tokens": config.max_new_tokens,
-            "generate": config.generate,
-            "references": [{k: r[k] for k in ("label", "model", "metrics", "seconds")}
-                           for r in refs[task.name]],
-        }
-        if runs[task.name]:
-            rs = runs[task.name]
-            entry["finetuned"] = {
-                "seeds": [r["seed"] for r in rs],
-                "metrics": aggregate(task.kind, rs),
-                "per_seed": [{"seed": r["seed"], "metrics": r["metrics"], "train": r["train"],
-                              "eval_seconds": r["seconds"]} for r in rs],
-                "train_seconds_mean": float(np.mean([r["train"]["seconds"] for r in rs])),
-                "eval_seconds_mean": float(np.mean([r["seconds"] for r in rs])),
-            }
-        summary["tasks"][task.name] = entry
+                               "train": train_info,
+                               "tasks": {t.name: _task_entry(t, refs[t.name], runs[t.name], config) for t in loaded}}
     summary["wall_seconds_this_run"] = round(time.perf_counter() - t_start, 3)
     write_json(out / "evaluation.json", summary)
     md = evaluation_markdown(summary)
