@@ -250,6 +250,7 @@ class GradientFeaturizer:
 # --------------------------------------------------------------------------------------------
 
 
+# Over ~60 lines on purpose (scripts/check_layout.py ALLOWED): the checkpoint x group loop kept whole.
 @register("less", LESSConfig, uses_model=True,
           summary="LoRA gradient features (Adam-aware, projected), LR-weighted over warmup checkpoints")
 def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) -> BaselineScores:
