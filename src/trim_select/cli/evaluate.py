@@ -149,6 +149,8 @@ def compare_cmd(
     lm_eval_limit: Annotated[int, typer.Option(
         "--lm-eval-limit", help="Also score the first N of the --limit rows through lm-eval (acc / exact "
                                 "match per row; 0: skip).")] = 0,
+    lm_eval_batch_size: Annotated[int, typer.Option(
+        "--lm-eval-batch-size", help="Requests per lm-eval forward (decoding is far faster batched).")] = 8,
     match_tokens: Annotated[str | None, typer.Option(
         "--match-tokens", help="Also train every other method on its ranking's prefix with this method's "
                                "token total (rows labelled METHOD@REF-tokens).")] = None,
@@ -171,7 +173,8 @@ def compare_cmd(
     config, recipe = _configs(options)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     compare(task, pool, budget, method_list, out, seeds=seeds, model=model, selection_model=selection_model,
-            recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, match_tokens=match_tokens,
+            recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
+            match_tokens=match_tokens,
             decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device), baseline=baseline,
             progress=not quiet, overwrite=overwrite)
     typer.echo((out / "compare.md").read_text(encoding="utf-8"))

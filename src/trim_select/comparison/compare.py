@@ -149,6 +149,7 @@ def compare(
     recipe: Any = None,
     config: EvalConfig | None = None,
     lm_eval_limit: int = 0,
+    lm_eval_batch_size: int = 8,
     match_tokens: str | None = None,
     decontaminate: bool = False,
     runtime: RuntimeConfig | None = None,
@@ -158,14 +159,16 @@ def compare(
 ) -> dict[str, Any]:
     """Select with every method, fine-tune and evaluate each x seeds; write compare.json/.md.
 
-    ``config.limit``: test rows for the answer NLL (a seeded subset; ``None``: all). ``match_tokens``:
+    ``lm_eval_batch_size``: requests per lm-eval forward (greedy decoding at 1 is ~10 s per ``gsm`` row on a
+    2-core CPU). ``config.limit``: test rows for the answer NLL (a seeded subset; ``None``: all). ``match_tokens``:
     also train every other method on the prefix of its ranking with that method's token total
     (labelled ``<method>@<ref>-tokens``). ``out_dir`` is locked; results keyed on the inputs'
     content digests are reused, and a changed pool or targets file is refused unless ``overwrite``."""
     with folder_lock(out_dir, "compare"):
         run = _Compare(tasks, pool, budget, methods, out_dir, seeds=seeds, model=model,
                        selection_model=selection_model, recipe=recipe, config=config,
-                       lm_eval_limit=lm_eval_limit, match_tokens=match_tokens, decontaminate=decontaminate,
+                       lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
+                       match_tokens=match_tokens, decontaminate=decontaminate,
                        runtime=runtime, baseline=baseline, progress=progress, overwrite=overwrite)
         return run.execute()
 
@@ -195,7 +198,8 @@ class _Compare:
         self.config = kw["config"] if kw["config"] is not None else EvalConfig()
         self.recipe = kw["recipe"] if kw["recipe"] is not None else evaluation_recipe(self.config.device)
         self.runtime = kw["runtime"] if kw["runtime"] is not None else RuntimeConfig()
-        self.lm_eval_limit, self.match = kw["lm_eval_limit"], kw["match_tokens"]
+        self.lm_eval_limit, self.lm_eval_batch = kw["lm_eval_limit"], kw["lm_eval_batch_size"]
+        self.match = kw["match_tokens"]
         self.decontaminate = kw["decontaminate"]
         self.baseline, self.progress, self.overwrite = kw["baseline"], kw["progress"], kw["overwrite"]
         self.t_start = time.perf_counter()
@@ -276,10 +280,14 @@ class _Compare:
         lm = load_finetuned(adapter, self.config) if adapter else load_model(self.model, device=self.config.device,
                                                                               dtype=self.config.dtype)
         res = run_lm_eval(lm.model, lm.tokenizer, folder, shots=self.config.shots_for(task),
-                          max_gen_toks=self.config.max_new_tokens)
+                          max_gen_toks=self.config.max_new_tokens, batch_size=self.lm_eval_batch)
         per_row = lm_eval_correct(res)
         write_json(path, {"key": key, "results": res["results"], "rows": per_row})
         return per_row
+
+    def _lm_key(self, result_key: str) -> str:
+        return config_hash(self.config, {"lm_eval_limit": self.lm_eval_limit, "lm_eval_batch": self.lm_eval_batch,
+                                         "result": result_key})
 
     def _evaluate(self, task: Task, label: str, seed: int, rows: Any) -> list[dict[str, Any]]:
         records = rows.records(self.records)
@@ -288,7 +296,7 @@ class _Compare:
                                  progress=self.progress)[task.name]
         base = self.out / "eval" / label / task.name
         lm = self._lm_eval(task, res["train"]["adapter"], base / f"lm-eval-seed-{seed}.json",
-                           key=config_hash(self.config, {"lm_eval_limit": self.lm_eval_limit, "result": res["key"]}))
+                           key=self._lm_key(res["key"]))
         preds = _read_jsonl(base / "predictions" / f"seed-{seed}.jsonl")
         return model_rows(task.kind, preds, method=label, seed=seed, lm_eval=lm)
 
@@ -300,8 +308,7 @@ class _Compare:
         for task in self.tasks:
             base = self.out / "eval" / BASE / task.name
             lm = self._lm_eval(task, None, base / "lm-eval-base.json",
-                               key=config_hash(self.config, {"lm_eval_limit": self.lm_eval_limit,
-                                                             "result": res[task.name]["key"]}))
+                               key=self._lm_key(res[task.name]["key"]))
             preds = _read_jsonl(base / "predictions" / "base.jsonl")
             out[task.name] = model_rows(task.kind, preds, method=BASE, seed="-", lm_eval=lm)
         return out
