@@ -245,15 +245,11 @@ class ScoreWriter:
 
     def write(self, chunk: int, columns: dict[str, np.ndarray | list]) -> None:
         """Part ``chunk``, with the seconds this process spent on it (``PART_SECONDS`` metadata), so a
-        resumed run still reports what all its parts cost (:meth:`part_seconds`)."""
+        resumed run still reports what all its parts cost (:func:`part_seconds`)."""
         now = time.perf_counter()
         table = pa.table(columns).replace_schema_metadata({PART_SECONDS: f"{now - self._since:.3f}"})
         write_parquet(self.part_path(chunk), table)
         self._since = now
-
-    def part_seconds(self) -> float:
-        """Wall seconds recorded by every part on disk, whichever process wrote it."""
-        return part_seconds(self.dir.parent)
 
     def read_all(self) -> pa.Table:
         parts = sorted(self.dir.glob("part-*.parquet"))

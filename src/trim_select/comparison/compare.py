@@ -21,10 +21,12 @@ Output folder (resumable per (task, method, seed); ``compare.json``/``.md`` rewr
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +41,7 @@ from ..evaluation.harness import EvalConfig
 from ..evaluation.runner import evaluate_reference, evaluation_recipe, load_finetuned, train_and_evaluate
 from ..evaluation.stats import write_rows
 from ..evaluation.tasks import Task, load_task
-from ..io import atomic_path, write_json
+from ..io import atomic_path, check_unchanged, write_json
 from ..io import file_identity as _identity
 from ..locking import folder_lock
 from ..models import resolve_model_path
@@ -72,7 +74,6 @@ def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_di
     Its key holds the pool's and targets' content digests, so a changed file is never reused; an
     earlier selection there from a file that changed since is refused unless ``overwrite``."""
     from ..baselines import BaselineConfig, run_baseline
-    from ..io import check_unchanged
 
     out = Path(out_dir)
     targets = Path(task.path) / "val.jsonl"
@@ -105,8 +106,6 @@ def selection_cost(report: dict[str, Any]) -> dict[str, Any]:
 
 def coreset_profile(records: Sequence[Record], lengths: Sequence[int]) -> dict[str, Any]:
     """Rows, source shares (``dataset`` field) and mean rendered token length of a set of rows."""
-    from collections import Counter
-
     sources = Counter(str(r.fields.get("dataset")) for r in records if "dataset" in r.fields)
     n = len(records)
     return {"rows": n, "sources": {k: v / n for k, v in sorted(sources.items())} if sources else {},
@@ -122,8 +121,6 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
@@ -203,12 +200,14 @@ class _Compare:
         self.decontaminate = kw["decontaminate"]
         self.baseline, self.progress, self.overwrite = kw["baseline"], kw["progress"], kw["overwrite"]
         self.t_start = time.perf_counter()
+        self.git, self.machine = _git_sha(), _machine()  # recorded in every compare.json rewrite
 
     # -- inputs --------------------------------------------------------------------------------
     def _pool(self) -> None:
         from transformers import AutoTokenizer
 
         self.out.mkdir(parents=True, exist_ok=True)
+        self.pool_identity = _identity(self.pool)
         self.records = list(read_records(self.pool))
         tok = AutoTokenizer.from_pretrained(resolve_model_path(self.model), local_files_only=True)
         renderer = Renderer(tok, RenderConfig(max_length=1 << 30))
@@ -318,24 +317,25 @@ class _Compare:
         self._pool()
         dirs = self._selections()
         units = self._units(dirs)
+        profiles = self._profiles(dirs, units)
         rows = self._base_rows()
         done: dict[str, dict[str, list[int]]] = {t.name: {lb: [] for lb in units[t.name]} for t in self.tasks}
-        self._summary(dirs, units, rows, done, complete=False)
+        self._summary(profiles, rows, done, complete=False)
         for s in self.seeds:  # seed-major: a partial run has every method at the first seeds
             for task in self.tasks:
                 for label, by_seed in units[task.name].items():
                     rows[task.name] += self._evaluate(task, label, s, by_seed[s])
                     done[task.name][label].append(s)
-                    self._summary(dirs, units, rows, done, complete=False)
-        return self._summary(dirs, units, rows, done, complete=True)
+                    self._summary(profiles, rows, done, complete=False)
+        return self._summary(profiles, rows, done, complete=True)
 
-    def _summary(self, dirs: Any, units: Any, rows: dict[str, list[dict[str, Any]]],
+    def _summary(self, profiles: dict[str, dict[str, dict[str, Any]]], rows: dict[str, list[dict[str, Any]]],
                  done: dict[str, dict[str, list[int]]], *, complete: bool) -> dict[str, Any]:
         summary: dict[str, Any] = {
-            "command": "compare", "argv": sys.argv, "git": _git_sha(), "machine": _machine(),
-            "pool": _identity(self.pool), "budget": self.budget, "model": self.model,
+            "command": "compare", "argv": sys.argv, "git": self.git, "machine": self.machine,
+            "pool": self.pool_identity, "budget": self.budget, "model": self.model,
             "selection_model": self.selection_model, "methods": self.methods,
-            "labels": list(next(iter(units.values()))) if units else [], "seeds": self.seeds,
+            "labels": list(next(iter(profiles.values()))) if profiles else [], "seeds": self.seeds,
             "recipe": to_dict(replace(self.recipe, seed=0)), "eval_config": to_dict(self.config),
             "lm_eval_limit": self.lm_eval_limit,
             "controls": {"fill_to_budget": True, "decontaminate": self.decontaminate, "match_tokens": self.match},
@@ -343,32 +343,38 @@ class _Compare:
             "wall_seconds_this_run": round(time.perf_counter() - self.t_start, 3)}
         for task in self.tasks:
             write_rows(self.out / "rows" / f"{task.name}.jsonl.gz", rows[task.name])
-            summary["tasks"][task.name] = self._task_entry(task, dirs[task.name], units[task.name], rows[task.name],
-                                                           done[task.name])
+            summary["tasks"][task.name] = self._task_entry(task, profiles[task.name], rows[task.name], done[task.name])
         write_json(self.out / "compare.json", summary)
         with atomic_path(self.out / "compare.md") as tmp:
             tmp.write_text(compare_markdown(summary))
         return summary
 
-    def _task_entry(self, task: Task, dirs: dict[str, list[Path]], units: dict[str, dict[int, Any]],
-                    rows: list[dict[str, Any]], done: dict[str, list[int]]) -> dict[str, Any]:
+    def _profiles(self, dirs: dict[str, dict[str, list[Path]]], units: dict[str, dict[str, dict[int, Any]]]
+                  ) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per task and label, what does not change while the run goes on: the training rows (first
+        seed), the selection cost from each run.json and the coreset's profile (computed once)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, by_label in units.items():
+            out[name] = {}
+            for label, by_seed in by_label.items():
+                first = by_seed[self.seeds[0]]
+                folders = dirs[name][label.split("@")[0]]
+                reports = [json.loads((d / "run.json").read_text()) for d in folders]
+                cost = {k: float(np.mean([selection_cost(r)[k] or 0 for r in reports]))
+                        for k in ("seconds", "forward_passes", "backward_passes", "tokens")}
+                out[name][label] = {"train": first.info, "cost": cost, "selections": [str(d) for d in folders],
+                                    "profile": coreset_profile(first.records(self.records),
+                                                               self.tokens[first.positions])}
+        return out
+
+    def _task_entry(self, task: Task, profiles: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
+                    done: dict[str, list[int]]) -> dict[str, Any]:
         n_nll = len(task.subset(self.config.limit, self.config.limit_seed))
-        methods = {}
-        for label, by_seed in units.items():
-            first = by_seed[self.seeds[0]]
-            recs = first.records(self.records)
-            method = label.split("@")[0]
-            reports = [json.loads((d / "run.json").read_text()) for d in dirs[method]]
-            cost = {k: float(np.mean([selection_cost(r)[k] or 0 for r in reports]))
-                    for k in ("seconds", "forward_passes", "backward_passes", "tokens")}
-            methods[label] = {"seeds_done": done[label], "train": first.info, "cost": cost,
-                              "selections": [str(d) for d in dirs[method]],
-                              "profile": coreset_profile(recs, self.tokens[first.positions])}
+        methods = {label: {"seeds_done": done[label], **p} for label, p in profiles.items()}
         return {"path": task.path, "kind": task.kind, "n_nll": n_nll, "n_test": len(task.test),
                 "n_lm_eval": min(self.lm_eval_limit, n_nll), "shots": self.config.shots_for(task),
                 "limit_seed": self.config.limit_seed, "decontamination": {"flagged": self.flagged[task.name]},
                 "methods": methods, "means": method_means(rows), "paired": paired(rows)}
-
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:

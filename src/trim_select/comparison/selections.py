@@ -24,7 +24,7 @@ Controls (:func:`training_rows`), applied to every method alike, in this order:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,3 @@ def training_rows(ranking: np.ndarray, own: np.ndarray, budget: str, n_pool: int
     info["tokens"] = int(np.asarray(tokens, dtype=np.int64)[chosen].sum())
     return TrainingRows(positions=np.asarray(chosen, dtype=np.int64), info=info)
 
-
-def selection_dirs_by_method(dirs: Mapping[str, Mapping[str, Path]]) -> dict[str, dict[str, str]]:
-    """``{task: {label: folder}}`` as JSON-ready strings (for ``compare.json``)."""
-    return {task: {m: str(p) for m, p in by.items()} for task, by in dirs.items()}
