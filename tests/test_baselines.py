@@ -370,3 +370,67 @@ def test_cli_baseline_flags_fill_the_method_config(files, tmp_path):
     assert run["config"]["method"] == {**run["config"]["method"], "ngrams": 1, "num_buckets": 77, "resample": True,
                                        "min_words": 1, "num_proc": 1}
     assert run["seed"] == 3 and run["config"]["seed"] == 3
+
+
+def _bm25_oracle(docs: list[str], query: str, k1: float, b: float, stop: set[str]) -> np.ndarray:
+    """Lucene BM25 written out from its definition (Robertson idf with +1; no (k1+1) factor), one
+    term of the query at a time: sum_t idf(t) * tf / (tf + k1 * (1 - b + b * |d| / avgdl))."""
+    import re
+
+    def words(text: str) -> list[str]:
+        return [w for w in re.findall(r"(?u)\b\w\w+\b", text.lower()) if w not in stop]
+
+    toks = [words(d) for d in docs]
+    n, avgdl = len(toks), sum(len(t) for t in toks) / len(toks)
+    out = np.zeros(n)
+    for term in words(query):
+        df = sum(term in t for t in toks)
+        if df == 0:
+            continue
+        idf = np.log(1 + (n - df + 0.5) / (df + 0.5))
+        for i, t in enumerate(toks):
+            tf = t.count(term)
+            out[i] += idf * tf / (tf + k1 * (1 - b + b * len(t) / avgdl))
+    return out
+
+
+def test_bm25_scores_equal_the_lucene_formula_computed_by_hand(files, tiny_dir, tmp_path):
+    from bm25s.stopwords import STOPWORDS_EN
+
+    from trim_select.baselines import BM25Config
+
+    _run("bm25", files, tiny_dir, tmp_path, targets="two")
+    got = pq.read_table(tmp_path / "scores.parquet").column("score").to_numpy()
+    pool = load_records(files["pool"])
+    docs = [record_text(r) for r in pool]
+    cfg = BM25Config()
+    per_target = np.stack([_bm25_oracle(docs, record_text(t), cfg.k1, cfg.b, set(STOPWORDS_EN))
+                           for t in load_records(files["two"])])
+    want = per_target.max(0)  # aggregate "max" over the target queries
+    assert np.ptp(want) > 1.0  # the rows are told apart, so a wrong formula cannot pass by accident
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_rds_scores_equal_an_unbatched_last_token_cosine(files, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trim_select.config import RenderConfig
+    from trim_select.data import Renderer
+
+    _run("rds", files, tiny_dir, tmp_path, targets="two")
+    got = pq.read_table(tmp_path / "scores.parquet").column("score").to_numpy()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    render = Renderer(tok, RenderConfig())
+
+    def rep(record) -> torch.Tensor:  # one sequence, no padding: the state of its final token
+        ids = torch.as_tensor(np.asarray(render(record).input_ids))[None]
+        with torch.no_grad():
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        return h / h.norm()
+
+    targets = torch.stack([rep(t) for t in load_records(files["two"])])
+    pool = torch.stack([rep(r) for r in load_records(files["pool"])])
+    want = (pool @ targets.T).mean(1).numpy()  # LESS's rule: mean cosine to the targets (one group)
+    assert np.ptp(want) > 0.01
+    np.testing.assert_allclose(got, want, atol=1e-5)
