@@ -15,7 +15,6 @@ from trim_select.evaluation.inference import (
     ChatEncoder,
     common_prompt_prefix,
     continuation_logprobs,
-    generate_greedy,
     prefix_cached_logprobs,
 )
 from trim_select.evaluation.tasks import (
@@ -244,14 +243,22 @@ def test_answer_loss_is_the_pooled_per_token_nll_of_the_gold_answer(tiny):
     assert mc_metrics["answer_loss"] == pytest.approx(-gold_lp / gold_n, abs=1e-3)
 
 
-def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny):
-    enc = ChatEncoder(tiny.tokenizer)
-    prompts = [enc.encode_prompt([Message("user", q)]) for q in
-               ["Compute 3 + 4 * 2 =", "Hi", "Natalia sold clips to 48 of her friends in April."]]
-    batched, n_b = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    single, n_s = generate_greedy(tiny.model, tiny.tokenizer, prompts, max_new_tokens=6, batch_size=1)
-    assert batched == single and np.array_equal(n_b, n_s)
-    assert all(n <= 6 for n in n_b)
+def test_math_exact_match_is_lm_evals_generate_until_on_the_same_rows(tiny, tmp_path):
+    from trim_select.evaluation.lm_eval_tasks import rows_task_folder, run_lm_eval
+
+    rows = rows_of(MATH_ROWS, "math")
+    cfg = EvalConfig(device="cpu", dtype="float32", max_new_tokens=6, gen_batch_size=2)
+    metrics, preds = evaluate_math(tiny, rows[1:], rows[:1], cfg, progress=False)
+    # lm-eval run directly on a folder of the same rows and exemplar, one prompt at a time
+    res = run_lm_eval(tiny.model, tiny.tokenizer, rows_task_folder("math", rows[1:], rows[:1], tmp_path),
+                      shots=1, max_gen_toks=6, batch_size=1)
+    (samples,) = res["samples"].values()
+    assert [p["id"] for p in preds] == [s["id"] for s in samples] == [r.id for r in rows[1:]]
+    assert [p["generation"] for p in preds] == [s["raw_response"] for s in samples]  # batching changes nothing
+    assert [p["correct"] for p in preds] == [bool(s["exact_match"]) for s in samples]
+    assert "#### 72" in samples[0]["prompt"]  # the exemplar's worked solution is the first assistant turn
+    assert metrics["exact_match"] == pytest.approx(np.mean([s["exact_match"] for s in samples]))
+    assert all(0 <= p["generated_tokens"] <= 6 and p["hit_limit"] == (p["generated_tokens"] >= 6) for p in preds)
 
 
 # -- evaluate / compare end to end ---------------------------------------------------------------

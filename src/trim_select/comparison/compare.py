@@ -38,6 +38,7 @@ from ..config import RenderConfig, RuntimeConfig, config_hash, to_dict
 from ..data import Record, Renderer, read_records
 from ..evaluation.decontamination import DecontaminationConfig, contaminated
 from ..evaluation.harness import EvalConfig
+from ..evaluation.lm_eval_tasks import lm_eval_correct, subset_task_folder
 from ..evaluation.runner import evaluate_reference, evaluation_recipe, load_finetuned, train_and_evaluate
 from ..evaluation.stats import write_rows
 from ..evaluation.tasks import Task, load_task
@@ -45,7 +46,7 @@ from ..io import atomic_path, check_unchanged, write_json
 from ..io import file_identity as _identity
 from ..locking import folder_lock
 from ..models import resolve_model_path
-from .rows import lm_eval_correct, model_rows, subset_task_folder
+from .rows import model_rows
 from .selections import (
     TRIM_METHODS,
     WARMUP_METHODS,

@@ -3,8 +3,9 @@
 - Multiple choice: every choice is scored by ``log p(choice | k-shot prompt)``. ``acc`` takes the
   highest sum; ``acc_norm`` the highest sum divided by the choice's length in characters (the
   lm-evaluation-harness convention, comparable across tokenizers). Ties go to the first choice.
-- Math: greedy decoding from the k-shot prompt; ``exact_match`` compares the final number
-  (``#### N``, else the last number) with the gold answer by value.
+- Math: greedy decoding from the k-shot prompt by lm-eval (``generate_until`` on a local task of
+  exactly these rows, :func:`.lm_eval_tasks.generate_rows`); ``exact_match`` is lm-eval's strict
+  match of the ``#### N`` marker against the gold answer (commas ignored).
   ``generate=False`` skips decoding (exact match ``None``) when only the answer loss is wanted.
 - ``answer_loss`` (both kinds): mean per-token negative log-likelihood of the gold answer given
   the prompt, pooled over all answer tokens of the evaluated rows (the correct choice's text; the
@@ -21,16 +22,15 @@ import numpy as np
 
 from ..config import documented
 from ..models import LoadedModel
-from .answers import extract_number, numbers_match
 from .inference import (
     ChatEncoder,
     Encoded,
     common_prompt_prefix,
     continuation_logprobs,
-    generate_greedy,
     prefix_cached_logprobs,
     shared_prefix_logprobs,
 )
+from .lm_eval_tasks import generate_rows
 from .tasks import DEFAULT_SHOTS, Task, TaskRow, gold_text, prompt_messages
 
 MIN_SHARED_PREFIX = 64  # tokens: below this the k-shot prefix is not worth a cached forward
@@ -158,18 +158,17 @@ def evaluate_math(lm: LoadedModel, rows: tuple[TaskRow, ...], exemplars: tuple[T
                 "prompt_truncated": int(sum(it.n_truncated > 0 for it in items)),
                 "seconds_loss": round(t_loss, 3)}, preds
     t0 = time.perf_counter()
-    bar = _bar(len(rows), "generate", progress)
-    texts, n_new = generate_greedy(lm.model, lm.tokenizer, [enc.encode_prompt(p) for p in prompts],
-                                   max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
-                                   on_batch=bar.update)
-    bar.close()
+    gen = generate_rows(lm.model, lm.tokenizer, rows, exemplars, max_gen_toks=config.max_new_tokens,
+                        batch_size=config.gen_batch_size)
     t_gen = time.perf_counter() - t0
     preds = []
-    for row, text, k, g in zip(rows, texts, n_new, gold_nll, strict=True):
-        parsed = extract_number(text)
-        preds.append({"id": row.id, "gold": row.answer, "pred": parsed,
-                      "correct": numbers_match(parsed, row.answer), "generated_tokens": int(k),
-                      "hit_limit": bool(k >= config.max_new_tokens), "answer_nll": g, "generation": text})
+    for row, g in zip(rows, gold_nll, strict=True):
+        out = gen[row.id]
+        preds.append({"id": row.id, "gold": row.answer, "pred": out["pred"], "correct": out["correct"],
+                      "generated_tokens": out["generated_tokens"],
+                      "hit_limit": out["generated_tokens"] >= config.max_new_tokens, "answer_nll": g,
+                      "generation": out["generation"]})
+    n_new = [p["generated_tokens"] for p in preds]
     metrics = {
         "exact_match": sum(p["correct"] for p in preds) / n if n else None,
         "answer_loss": _nll(sums, counts),

@@ -1,4 +1,4 @@
-"""Model-facing evaluation primitives: chat rendering, continuation log-likelihood, greedy decoding.
+"""Model-facing evaluation primitives: chat rendering and continuation log-likelihood (lm-eval decodes).
 
 - :class:`ChatEncoder` renders ``prompt messages + assistant answer`` with the tokenizer's chat
   template (or the plain ``<|user|>`` template of ``trim_select.data`` when it has none) and marks
@@ -9,7 +9,6 @@
   only at the positions that predict answer tokens.
 - :func:`shared_prefix_logprobs` does the same for the choices of one question with a single
   forward pass of their shared prompt (its key/value cache is reused for every choice).
-- :func:`generate_greedy` decodes left-padded batches greedily until an end-of-turn token.
 """
 
 from __future__ import annotations
@@ -324,66 +323,3 @@ def prefix_cached_logprobs(
         if on_batch is not None:
             on_batch(len(batch))
     return sums, counts
-
-
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-turn ids: the tokenizer's EOS and the model's generation-config EOS ids."""
-    ids: set[int] = set()
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for source in (tokenizer.eos_token_id, gen_eos):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(x) for x in source)
-    return sorted(ids)
-
-
-@torch.inference_mode()
-def generate_greedy(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[np.ndarray],
-    *,
-    max_new_tokens: int = 256,
-    batch_size: int = 16,
-    on_batch: Callable[[int], None] | None = None,
-) -> tuple[list[str], np.ndarray]:
-    """Greedy continuations of ``prompts`` (token ids), stopped at an end-of-turn token.
-
-    Prompts are batched longest first and left-padded. Returns the decoded texts (special
-    tokens removed) and the number of generated tokens per prompt (stop token excluded).
-    """
-    from transformers import GenerationConfig
-
-    n = len(prompts)
-    texts = [""] * n
-    lengths = np.zeros(n, dtype=np.int64)
-    if n == 0:
-        return texts, lengths
-    device = next(model.parameters()).device
-    stops = stop_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                               eos_token_id=stops or None, pad_token_id=pad_id)
-    order = np.argsort(-np.array([len(p) for p in prompts]), kind="stable")
-    for start in range(0, n, batch_size):
-        batch = order[start:start + batch_size]
-        t = max(len(prompts[i]) for i in batch)
-        ids = np.full((len(batch), t), pad_id, dtype=np.int64)
-        attn = np.zeros((len(batch), t), dtype=np.int64)
-        for r, i in enumerate(batch):
-            p = prompts[i]
-            ids[r, t - len(p):] = p
-            attn[r, t - len(p):] = 1
-        out = model.generate(input_ids=torch.from_numpy(ids).to(device),
-                             attention_mask=torch.from_numpy(attn).to(device), generation_config=gen_cfg)
-        new = out[:, t:].cpu().numpy()
-        for r, i in enumerate(batch):
-            row = new[r]
-            stop_at = np.flatnonzero(np.isin(row, stops)) if stops else np.zeros(0, dtype=np.int64)
-            k = int(stop_at[0]) if len(stop_at) else len(row)
-            lengths[i] = k
-            texts[i] = tokenizer.decode(row[:k].tolist(), skip_special_tokens=True)
-        if on_batch is not None:
-            on_batch(len(batch))
-    return texts, lengths

@@ -36,14 +36,17 @@ only ``acc`` here). ``tests/test_lm_eval_tasks.py`` checks both against a direct
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .tasks import DEFAULT_SHOTS, Kind, load_task
+from ..io import atomic_path
+from .tasks import DEFAULT_SHOTS, Kind, Task, TaskRow, load_task
 
 MC_TEXT = ("{{ question }}\n\nOptions:\n"
            "{% for c in choices %}- {{ c }}{% if not loop.last %}\n{% endif %}{% endfor %}")
@@ -199,3 +202,78 @@ def run_lm_eval(model: Any, tokenizer: Any, task: str | Path, *, limit: int | fl
     samples = {t: [sample_row(s) for s in rows] for t, rows in out.get("samples", {}).items()}
     return {"results": results, "samples": samples, "n_shot": out.get("n-shot", {}),
             "include": None if out_dir is None and kinds else inc}
+
+
+# -- task folders of given rows, and lm-eval's per-row results ---------------------------------------
+def task_row_json(row: TaskRow, kind: str) -> dict[str, Any]:
+    """A test row back in the benchmark layout."""
+    if kind == "mc":
+        return {"id": row.id, "question": row.question, "choices": list(row.choices),
+                "answer_index": row.answer_index}
+    return {"id": row.id, "question": row.question, "answer": row.answer, "solution": row.solution}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+
+
+def _rows_text(rows: Sequence[TaskRow], kind: str) -> str:
+    return "".join(json.dumps(task_row_json(r, kind), ensure_ascii=False) + "\n" for r in rows)
+
+
+def rows_task_folder(kind: str, rows: Sequence[TaskRow], exemplars: Sequence[TaskRow], out_dir: str | Path) -> Path:
+    """A task folder of exactly ``rows`` (``test.jsonl``) with ``exemplars`` as its ``dev.jsonl``, in order:
+    lm-eval's ``first_n`` few-shot sampler then shows the same exemplars as :func:`.tasks.prompt_messages`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(out / "test.jsonl", _rows_text(rows, kind))
+    if exemplars:
+        _write_if_changed(out / "dev.jsonl", _rows_text(exemplars, kind))
+    return out
+
+
+def subset_task_folder(task: Task, rows: Sequence[TaskRow], out_dir: str | Path) -> Path:
+    """A task folder holding exactly ``rows`` as its test set (and the task's ``dev.jsonl``), so that
+    lm-eval scores the same rows as the answer NLL; rewritten only when its content would change."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(out / "test.jsonl", _rows_text(rows, task.kind))
+    dev = Path(task.path) / "dev.jsonl"
+    if dev.exists() and (not (out / "dev.jsonl").exists()
+                         or (out / "dev.jsonl").read_bytes() != dev.read_bytes()):
+        shutil.copyfile(dev, out / "dev.jsonl")
+    return out
+
+
+def lm_eval_correct(result: Mapping[str, Any]) -> dict[str, float]:
+    """``{row id: 0/1}`` from :func:`run_lm_eval` on one task."""
+    (samples,) = result["samples"].values()
+    out = {}
+    for s in samples:
+        value = s.get("acc", s.get("exact_match"))
+        if value is None:
+            raise ValueError(f"lm-eval row {s.get('doc_id')} has neither acc nor exact_match")
+        out[str(s["id"])] = float(value)
+    return out
+
+
+def generate_rows(model: Any, tokenizer: Any, rows: Sequence[TaskRow], exemplars: Sequence[TaskRow], *,
+                  max_gen_toks: int, batch_size: int) -> dict[str, dict[str, Any]]:
+    """Greedy decoding of math ``rows`` by lm-eval's ``generate_until`` (k-shot ``exemplars``):
+    ``{row id: {"pred", "correct", "generation", "generated_tokens"}}``; ``pred`` is the ``#### N``
+    the strict-match filter found (``None`` when there is none) and ``correct`` lm-eval's exact match."""
+    with tempfile.TemporaryDirectory(prefix="trim-gen-") as tmp:
+        folder = rows_task_folder("math", rows, exemplars, Path(tmp) / "rows")
+        res = run_lm_eval(model, tokenizer, folder, shots=len(exemplars), max_gen_toks=max_gen_toks,
+                          batch_size=batch_size)
+    (samples,) = res["samples"].values()
+    out = {}
+    for s in samples:
+        raw = s.get("raw_response") or ""
+        pred = s.get("response")
+        out[str(s["id"])] = {"pred": None if pred in (None, "[invalid]") else pred,
+                             "correct": bool(s["exact_match"]), "generation": raw,
+                             "generated_tokens": len(tokenizer(raw, add_special_tokens=False)["input_ids"])}
+    return out
