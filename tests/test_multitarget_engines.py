@@ -125,6 +125,18 @@ def test_shards_of_several_target_sets_then_merge_equal_single_target_shards(tmp
     assert [len((out / n / "coreset.jsonl").read_text().splitlines()) for n in NAMES] == [3, 5]
 
 
+def test_run_with_several_target_sets_takes_the_local_engine(tmp_path, tiny_dir, pool, sets):
+    out = tmp_path / "run"
+    cli("run", "--pool", pool, "--targets", sets, "--budget", "25%", "--out", out, "--model", tiny_dir,
+        "--no-warmup", "--workers", "2", *COMMON)
+    assert_multi_layout(out / "targets")
+    for name in NAMES:
+        sub = json.loads((out / "targets" / name / "run.json").read_text())
+        assert sub["command"] == "run" and sub["distributed"]["workers"] == 2
+        select(pool, sets / f"{name}.jsonl", tmp_path / name, tiny_dir, "--workers", "2")
+        assert_byte_identical(out / "targets" / name, tmp_path / name)
+
+
 def test_several_target_sets_refuse_a_shard_job_on_another_engine(tmp_path, tiny_dir, pool, sets):
     res = CliRunner().invoke(app, [str(a) for a in ("select", "--pool", pool, "--targets", sets, "--budget", "5",
                                                     "--out", tmp_path / "o", "--model", tiny_dir, *COMMON,
