@@ -44,7 +44,6 @@ ALLOWED: dict[str, str] = {
     "data.py": "531 lines: readers for five formats + validation + rendering (split into data/ pending)",
     "baselines/less.py::score_less": "92 lines: LESS's checkpoint x group loop kept whole (split pending)",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
-    "engines/ray.py::score_ray": "Ray init, DataContext save/restore and the pipeline share one try/finally",
     "training/lora.py": "418 lines: recipe (documented Table 7 fields) and trainer kept in one module as issue 12 asks",
     "training/lora.py::train_lora": "the resumable step loop reads top to bottom against HF Trainer",
 }

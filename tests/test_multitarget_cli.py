@@ -118,14 +118,6 @@ def test_two_target_files_with_one_name_are_refused(tiny_dir, sets, tmp_path):
     assert not (tmp_path / "o" / "gsm").exists()
 
 
-@pytest.mark.parametrize("extra", [("--engine", "ray"), ("--workers", "2"), ("--shard", "0/2")])
-def test_several_target_sets_on_another_engine_are_refused(tiny_dir, sets, tmp_path, extra):
-    pool, folder = sets
-    res = CliRunner().invoke(app, [str(a) for a in ("select", "--pool", pool, "--targets", folder, "--budget", "5",
-                                                    "--out", tmp_path / "o", *common(tiny_dir), *extra)])
-    assert res.exit_code != 0 and "several target sets run on the in-process engine for now" in res.output
-
-
 def test_budgets_must_name_every_target_set(tiny_dir, sets, tmp_path):
     pool, folder = sets
     res = CliRunner().invoke(app, [str(a) for a in ("select", "--pool", pool, "--targets", folder, "--budget",

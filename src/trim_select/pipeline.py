@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import WARMUP_FRACTION, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
-from .engines.dispatch import execute
+from .engines.dispatch import execute, execute_many
 from .io import atomic_path, check_unchanged, file_identity
 from .locking import folder_lock
 from .models import resolve_model_path
@@ -231,15 +231,15 @@ def run_pipeline_many(pool: str | Path, targets: Mapping[str, Path], out_dir: st
                       render: RenderConfig | None = None, fingerprint: FingerprintConfig | None = None,
                       scoring: ScoreConfig | None = None, runtime: RuntimeConfig | None = None,
                       format: str | None = None, target_format: str | None = None, skip_invalid: bool = False,
-                      overwrite: bool = False, progress: bool = True) -> RunReport:
+                      overwrite: bool = False, progress: bool = True, engine: str = "local",
+                      workers: int | None = None, ray_address: str | None = None) -> RunReport:
     """:func:`run_pipeline` for several target sets: one warmup, then one pool pass for all of them.
 
     ``OUT/warmup/`` as for one target set; ``OUT/targets/<name>/`` holds what a single-target ``select``
-    with the warmed model writes (:func:`~trim_select.engines.multi.run_many_in_process`; resumable,
-    each target's scores reused while its inputs are unchanged), ``OUT/targets/run.json`` the shared
-    cost. Several target sets score with one model: the last checkpoint (Table 8's default).
+    with the warmed model on the same engine writes (:func:`~trim_select.engines.dispatch.execute_many`;
+    resumable, each target's scores reused while its inputs are unchanged), ``OUT/targets/run.json`` the
+    shared cost. Several target sets score with one model: the last checkpoint (Table 8's default).
     """
-    from .engines.multi import run_many_in_process
 
     out = Path(out_dir)
     pipeline = pipeline or PipelineConfig()
@@ -257,8 +257,8 @@ def run_pipeline_many(pool: str | Path, targets: Mapping[str, Path], out_dir: st
                            runtime=runtime, progress=progress)
         extra = _run_extra(out / "targets", out, next(iter(targets.values())), pipeline, stage)
         extra["pipeline"]["targets"] = {name: str(Path(p).resolve()) for name, p in targets.items()}
-        top = run_many_in_process(sel, pool, out / "targets", budgets, targets, format=format,
-                                  target_format=target_format, skip_invalid=skip_invalid, overwrite=overwrite,
-                                  extra=extra)
+        top = execute_many(sel, pool, out / "targets", budgets, targets, engine=engine, workers=workers,
+                           ray_address=ray_address, format=format, target_format=target_format,
+                           skip_invalid=skip_invalid, overwrite=overwrite, extra=extra)
         top.write(out / "targets")
     return top

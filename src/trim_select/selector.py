@@ -35,7 +35,7 @@ import torch
 
 from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from .data import Message, ReadStats, Record, Renderer, TokenSequence, as_sequence, read_records
-from .engines.base import column_sum, render_all, run_in_process, score_chunk
+from .engines.base import column_sum, make_scorer, render_all, run_in_process, score_chunk
 from .fingerprints import Fingerprints, build_fingerprints
 from .interrupts import check_stop
 from .io import RejectWriter, ScoreWriter, file_identity
@@ -242,11 +242,7 @@ class TrimSelector:
 
     def make_scorer(self, idf: np.ndarray | None = None) -> Scorer:
         """The Stage II scorer for the fitted fingerprints, with this selector's score/runtime configs."""
-        rt, sc = self.runtime, self.score_config
-        return Scorer(self.lm.model, self.fingerprints, penalty=sc.penalty, mean_weight=sc.mean_weight,
-                      max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
-                      batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile,
-                      mask_free=rt.mask_free)
+        return make_scorer(self.lm.model, self.fingerprints, self.score_config, self.runtime, idf)
 
     def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
         """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""

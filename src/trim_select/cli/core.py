@@ -8,9 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from ..engines import dispatch as dist
-from ..engines.multi import MULTI_ENGINE_ERROR, parse_budgets, run_many_in_process, target_sets
+from ..engines.multi import parse_budgets, target_sets
 from ..fingerprints import Fingerprints
-from ..locking import folder_lock
 from ..selector import TrimSelector
 from . import app
 from .common import RENDER, build_configs, console, friendly_errors
@@ -53,19 +52,28 @@ def execute(sel: Any, pool: Path, out: Path, budget: str | None, *, engine: str,
     """Run selection on the chosen engine; with ``--shard`` score one shard and return None."""
     if shard is None:
         return dist.run(sel, pool, out, budget, engine=engine, workers=workers, ray_address=ray_address, **kw)
+    check_shard(engine, workers, ray_address, kw)
+    i, n = dist.parse_shard(shard)
+    shard_done(dist.run_shard(sel, pool, out, (i, n), budget=budget, **kw), out)
+    return None
+
+
+def check_shard(engine: str, workers: int | None, ray_address: str | None, kw: dict[str, Any]) -> None:
+    """Refuse what a ``--shard`` job cannot take; drops ``overwrite`` and ``extra`` from ``kw``."""
     if engine != "local" or workers is not None or ray_address is not None:
         raise typer.BadParameter("--shard runs one process: leave out --engine ray, --workers, --ray-address")
     if kw.pop("overwrite", False):
         raise typer.BadParameter("--overwrite cannot be combined with --shard (concurrent shards would "
                                  "delete each other's parts): delete OUT/parts instead")
     kw.pop("extra", None)
-    i, n = dist.parse_shard(shard)
-    info = dist.run_shard(sel, pool, out, (i, n), budget=budget, **kw)
+
+
+def shard_done(info: dict[str, Any], out: Path) -> None:
+    i, n = info["shard"]
     left = info["missing_overall"]
     console.print(f"[bold green]shard {i}/{n} done[/] ({info['chunks']} chunks, {info['seconds']:.1f}s); "
                   + (f"{len(left)} chunks of other shards still missing" if left
                      else f"all chunks scored: trim-select merge {out}"), highlight=False)
-    return None
 
 
 def summarise(report: dict[str, Any], out: Path) -> None:
@@ -79,19 +87,27 @@ def summarise(report: dict[str, Any], out: Path) -> None:
 
 
 def select_many(sel: Any, pool: Path, out: Path, budgets: list[str], targets: list[str], *, engine: str,
-                workers: int | None, ray_address: str | None, shard: str | None, **kw: Any) -> dict[str, Any]:
-    """Several target sets: one pool pass on the in-process engine, outputs in ``OUT/<name>/``."""
-    if engine != "local" or workers is not None or ray_address is not None or shard is not None:
-        raise typer.BadParameter(f"{MULTI_ENGINE_ERROR}: leave out --engine ray, --workers, --ray-address "
-                                 "and --shard, or run one target set per command")
+                workers: int | None, ray_address: str | None, shard: str | None, **kw: Any) -> dict[str, Any] | None:
+    """Several target sets: one pool pass on the chosen engine, outputs in ``OUT/<name>/``; with
+    ``--shard`` score one shard of them all and return None (``trim-select merge OUT`` later)."""
     sets = target_sets(targets)
-    with folder_lock(out, "select --targets (several)"):
-        report = run_many_in_process(sel, pool, out, parse_budgets(budgets, sets), sets, **kw)
-        report.write(out)
+    per_target = parse_budgets(budgets, sets)
+    if shard is not None:
+        check_shard(engine, workers, ray_address, kw)
+        i, n = dist.parse_shard(shard)
+        info = dist.run_shard_many(sel, pool, out, (i, n), budgets=per_target, targets=sets, **kw)
+        shard_done(info, out)
+        return None
+    report = dist.run_many(sel, pool, out, per_target, sets, engine=engine, workers=workers,
+                           ray_address=ray_address, **kw)
+    summarise_many(report, out)
+    return report
+
+
+def summarise_many(report: dict[str, Any], out: Path) -> None:
     for name, entry in report["targets"].items():
         console.print(f"[bold green]{name}[/]: selected {entry['selected']} of {entry['scored']} -> {out / name}",
                       highlight=False)
-    return report
 
 
 @app.command("select")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config import WARMUP_FRACTION, RuntimeConfig
-from ..engines.multi import MULTI_ENGINE_ERROR, parse_budgets, target_sets
+from ..engines.multi import parse_budgets, target_sets
 from ..training.lora import LoraRecipe
 from . import app
 from .common import build_configs, console, friendly_errors
@@ -109,13 +109,11 @@ def run_cmd(
     cfg = PipelineConfig(use_warmup=not no_warmup, fraction=fraction, seed=seed, recipe=recipe,
                          checkpoints=checkpoints)
     if len(targets) > 1 or Path(targets[0]).is_dir() or ("=" in targets[0] and not Path(targets[0]).exists()):
-        if where.get("engine", "local") != "local" or where.get("workers") or where.get("ray_address"):
-            raise typer.BadParameter(f"{MULTI_ENGINE_ERROR}: leave out --engine ray, --workers and --ray-address")
         sets = target_sets(targets)
         top = run_pipeline_many(pool, sets, out, parse_budgets(budget, sets), model=model, pipeline=cfg,
                                 render=render, fingerprint=fpc, scoring=scoring, runtime=runtime, format=format,
                                 target_format=target_format, skip_invalid=control["skip_invalid"],
-                                overwrite=control["overwrite"], progress=not control["quiet"])
+                                overwrite=control["overwrite"], progress=not control["quiet"], **where)
         for name, entry in top["targets"].items():
             console.print(f"[bold green]{name}[/]: selected {entry['selected']} of {entry['scored']} -> "
                           f"{out / 'targets' / name}", highlight=False)

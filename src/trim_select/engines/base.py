@@ -27,20 +27,7 @@ reach the workers from there (local, shards) or through the Ray object store (ra
 table of ``--idf``, computed once). Each worker builds the unseen-token map once, when it loads
 its model (one vocabulary x fingerprints matmul). ``OUT/shards.json`` records what ``merge``
 needs (pool, settings, model identity). Ray is imported only by the ray engine.
-
-On several nodes the pool and OUT must be on a filesystem every node sees (actors write the parts
-there), and every node needs trim-select and the model::
-
-    ray start --head                       # on the head node; `ray start --address HEAD:6379` on the others
-    trim-select select --engine ray --ray-address auto --pool /shared/pool.jsonl \
-        --targets targets.jsonl --budget 5% --out /shared/run
-
-    # Slurm arrays instead of Ray: Stage I once, one array task per shard, then merge
-    trim-select fingerprint --targets targets.jsonl --out /shared/run/fingerprints.safetensors
-    sbatch --array=0-15 --gres=gpu:1 --wrap 'trim-select score --pool /shared/pool.jsonl \
-        --fingerprints /shared/run/fingerprints.safetensors --out /shared/run --budget 5% \
-        --shard $SLURM_ARRAY_TASK_ID/16'
-    trim-select merge /shared/run           # names the missing chunks if a task failed
+(How to run them on several nodes: :mod:`.dispatch`.)
 """
 
 
@@ -49,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,20 +182,33 @@ def resolve_fingerprints(sel: TrimSelector, out_dir: str | Path, *, targets: str
     return fp_path
 
 
-def score_chunk(writer: ScoreWriter, k: int, scorer: Scorer, records: Sequence[Record],
-                seqs: Sequence[Any], *, on_batch: Callable[[int], None] | None = None,
+def score_chunk(writers: ScoreWriter | Mapping[str, ScoreWriter], k: int, scorer: Scorer,
+                records: Sequence[Record], seqs: Sequence[Any], *, on_batch: Callable[[int], None] | None = None,
                 on_part: Callable[[int], None] | None = None) -> None:
     """Stage II of one chunk (Eqs. 12-15 via :class:`~trim_select.scoring.Scorer`), written as part
-    ``k`` through ``writer`` (counted in ``writer.computed``); ``on_part(k)`` runs after the part is on
-    disk (the fault hook)."""
-    det = scorer.score_sequences(list(seqs), on_batch=on_batch)
-    cols = {"index": np.array([r.index for r in records], dtype=np.int64),
-            "id": [r.id for r in records], **det.columns(),
-            "n_truncated": np.array([s.n_truncated for s in seqs], dtype=np.int64)}
-    writer.write(k, cols)
-    writer.computed += 1
-    if on_part is not None:
-        on_part(k)
+    ``k`` through ``writers`` (each counts it in ``writer.computed``): one writer, or ``{target name:
+    writer}`` of the target sets of a multi-target scorer whose part ``k`` is missing (one forward for
+    all). ``on_part(k)`` runs after each part is on disk (the fault hook)."""
+    if isinstance(writers, ScoreWriter):
+        writers = {scorer.names[0]: writers}
+    details = scorer.score_sequences_many(list(seqs), on_batch=on_batch)
+    base = {"index": np.array([r.index for r in records], dtype=np.int64), "id": [r.id for r in records]}
+    truncated = np.array([s.n_truncated for s in seqs], dtype=np.int64)
+    for name, writer in writers.items():
+        writer.write(k, {**base, **details[name].columns(), "n_truncated": truncated})
+        writer.computed += 1
+        if on_part is not None:
+            on_part(k)
+
+
+def make_scorer(model: Any, targets: Fingerprints | Mapping[str, Fingerprints], scoring: ScoreConfig,
+                runtime: RuntimeConfig, idf: np.ndarray | None = None) -> Scorer:
+    """The Stage II scorer of one or several target sets with a run's score and runtime settings (one
+    construction for the in-process engine, local workers, shard jobs and Ray actors)."""
+    return Scorer(model, targets, penalty=scoring.penalty, mean_weight=scoring.mean_weight,
+                  max_weight=scoring.max_weight, coverage_weight=scoring.coverage_weight, idf=idf,
+                  batch_tokens=runtime.batch_tokens, max_batch_size=runtime.max_batch_size,
+                  compile=runtime.compile, mask_free=runtime.mask_free)
 
 
 def render_all(renderer: Renderer, records: Sequence[Record]) -> list[Any]:

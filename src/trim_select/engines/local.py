@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from ..progress import count_rows, progress_bar
 from ..selector import TrimSelector
 from .base import FP_FILE, ShardPlan, config_from_dict
 from .faults import FaultInjector
+from .multi import score_pool_many
 
 
 def local_devices(runtime: RuntimeConfig, workers: int | None) -> list[str]:
@@ -49,15 +51,23 @@ def _local_worker(spec: dict[str, Any]) -> None:
         (RuntimeConfig, "runtime")))
     sel = TrimSelector(spec["model"], render=render, fingerprint=fpc, scoring=scoring,
                        runtime=replace(runtime, device=spec["device"]), progress=False)
-    sel.load_fingerprints(spec["fingerprints"])
-    sel.score_pool(spec["pool"], spec["out"], format=spec["format"], skip_invalid=spec["skip_invalid"],
-                   shard=tuple(spec["shard"]), on_part=lambda _k: fault.part_written())
+    io = {"format": spec["format"], "skip_invalid": spec["skip_invalid"], "shard": tuple(spec["shard"]),
+          "on_part": lambda _k: fault.part_written()}
+    if spec["targets"] is None:
+        sel.load_fingerprints(Path(spec["out"]) / FP_FILE)
+        sel.score_pool(spec["pool"], spec["out"], **io)
+        return
+    dirs = {name: Path(spec["out"]) / name for name in spec["targets"]}
+    fps = {name: sel.load_fingerprints(d / FP_FILE).fingerprints for name, d in dirs.items()}
+    score_pool_many(sel, spec["pool"], dirs, fps, **io)
 
 
-def score_local(plan: ShardPlan, out_dir: str | Path, *, workers: int | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Run the local engine to completion; raises naming the workers that failed (rerun resumes)."""
+def score_local(plan: ShardPlan, out_dir: str | Path, *, workers: int | None = None, progress: bool = True,
+                targets: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the local engine to completion; raises naming the workers that failed (rerun resumes).
+    ``targets``: the names of several target sets, scored in one pass into ``OUT/<name>/``."""
     out_dir = Path(out_dir)
+    dirs = [out_dir] if targets is None else [out_dir / name for name in targets]
     render, fpc, scoring, runtime = plan.configs()
     devices = local_devices(runtime, workers)
     n = len(devices)
@@ -68,7 +78,7 @@ def score_local(plan: ShardPlan, out_dir: str | Path, *, workers: int | None = N
     t0 = time.perf_counter()
     for i, dev in enumerate(devices):
         spec = {"model": plan.model_spec, "render": plan.render, "fingerprint": plan.fingerprint,
-                "scoring": plan.scoring, "runtime": plan.runtime, "fingerprints": str((out_dir / FP_FILE).resolve()),
+                "scoring": plan.scoring, "runtime": plan.runtime, "targets": None if targets is None else list(targets),
                 "pool": plan.pool, "out": str(out_dir.resolve()), "format": plan.format,
                 "skip_invalid": plan.skip_invalid, "shard": [i, n], "device": dev, "threads": threads,
                 "fault": FaultInjector.settings(), "pool_digest": pool_digest}
@@ -77,13 +87,13 @@ def score_local(plan: ShardPlan, out_dir: str | Path, *, workers: int | None = N
         procs.append(p)
     total = approx_chunks(plan)
     bar = progress_bar(total, f"Stage II scoring ({n} workers, chunks)", progress)
-    done = count_parts(out_dir)
+    done = count_parts(dirs)
     bar.update(done)
     try:
         while any(p.is_alive() for p in procs):
             for p in procs:
                 p.join(timeout=1.0 / len(procs))
-            now = count_parts(out_dir)
+            now = count_parts(dirs)
             bar.update(now - done)
             done = now
     except BaseException:
@@ -107,5 +117,6 @@ def approx_chunks(plan: ShardPlan) -> int | None:
     return None if rows is None else math.ceil(rows / plan.chunk_size)
 
 
-def count_parts(out_dir: Path) -> int:
-    return sum(1 for _ in (out_dir / "parts").glob("part-*.parquet"))
+def count_parts(dirs: Sequence[Path]) -> int:
+    """Chunks with a part in every folder of ``dirs``."""
+    return min(sum(1 for _ in (d / "parts").glob("part-*.parquet")) for d in dirs)

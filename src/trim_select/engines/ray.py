@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,8 @@ from ..fingerprints import Fingerprints
 from ..io import ScoreWriter
 from ..models import load_model
 from ..progress import progress_bar
-from ..scoring import Scorer
 from ..selector import TrimSelector
-from .base import ShardPlan, config_from_dict, part_path, render_all, score_chunk
+from .base import ShardPlan, config_from_dict, make_scorer, part_path, render_all, score_chunk
 from .faults import FaultInjector
 
 _BOM = b"\xef\xbb\xbf"
@@ -199,16 +199,14 @@ class ChunkScorer:
         if lm.sha256 != spec["model_sha256"]:
             raise RuntimeError(f"the model on this node ({lm.path}) is not the one the driver used "
                                "(weights differ): install the same model on every node")
-        fp = Fingerprints(*(np.array(arrays[k]) for k in ("token_ids", "vectors", "counts")), {},
-                          None if arrays.get("nearest") is None else np.array(arrays["nearest"]))
-        kw = {"compile": True} if runtime.compile else {}
-        self.scorer = Scorer(lm.model, fp, penalty=scoring.penalty, mean_weight=scoring.mean_weight,
-                             max_weight=scoring.max_weight, coverage_weight=scoring.coverage_weight,
-                             idf=None if arrays.get("idf") is None else np.array(arrays["idf"]),
-                             batch_tokens=runtime.batch_tokens, max_batch_size=runtime.max_batch_size, **kw)
+        fps = {name: Fingerprints(*(np.array(fp[k]) for k in ("token_ids", "vectors", "counts")), {},
+                                  None if fp.get("nearest") is None else np.array(fp["nearest"]))
+               for name, fp in arrays["fingerprints"].items()}
+        idf = None if arrays.get("idf") is None else np.array(arrays["idf"])
+        self.scorer = make_scorer(lm.model, fps, scoring, runtime, idf)
         self.renderer = Renderer(lm.tokenizer, render)
-        # parts go through the one writer; a shard label keeps it off other actors' temporary files
-        self.writer = ScoreWriter(spec["out"], spec["key"], shard="ray")
+        # parts go through the one writer per target; a shard label keeps it off other actors' temporary files
+        self.writers = {name: ScoreWriter(t["out"], t["key"], shard="ray") for name, t in spec["targets"].items()}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done: dict[str, list[Any]] = {"chunk": [], "rows": [], "error": []}
@@ -233,82 +231,106 @@ class ChunkScorer:
         rows = list(zip(part.column("index").to_pylist(), part.column("line").to_pylist(),
                         part.column("raw").to_pylist(), strict=True))
         records = parse_rows(self.spec["pool"], rows, self.spec["fmt"], self.spec["skip_invalid"])
-        score_chunk(self.writer, k, self.scorer, records, render_all(self.renderer, records),
+        todo = {name: w for name, w in self.writers.items() if not w.done(k)}
+        score_chunk(todo, k, self.scorer, records, render_all(self.renderer, records),
                     on_part=lambda _k: self.fault.part_written())
 
 
 _RAY_CONTEXT = ("target_max_block_size", "enable_progress_bars", "print_on_execution_start")
 
 
-# Over ~60 lines on purpose (scripts/check_layout.py ALLOWED): Ray init, DataContext save/restore and
-# the pipeline share one try/finally.
-def score_ray(sel: TrimSelector, plan: ShardPlan, out_dir: str | Path, *, workers: int | None = None,
-              ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run Stage II as a Ray Data pipeline to completion (only unfinished chunks are read).
-
-    ``sel`` still holds the model and fingerprints: the unseen-token map and IDF table are
-    computed here once and broadcast with the fingerprints through the object store.
-    """
+def import_ray() -> Any:
     try:
         import ray
     except ModuleNotFoundError:
         raise RuntimeError("--engine ray needs Ray: pip install 'trim-select[ray]'") from None
-    out_dir = Path(out_dir)
+    return ray
+
+
+def broadcast(sel: TrimSelector, plan: ShardPlan, fps: Mapping[str, Fingerprints]) -> dict[str, Any]:
+    """What every actor gets through the object store: each target's fingerprint arrays (with the
+    unseen-token map) and the pool's IDF table (``--idf``, computed here once)."""
+    shared: dict[str, Any] = {"fingerprints": {name: {"token_ids": fp.token_ids, "vectors": fp.vectors,
+                                                      "counts": fp.counts, "nearest": fp.nearest}
+                                               for name, fp in fps.items()}}
+    if sel.score_config.idf:
+        shared["idf"] = sel.pool_idf(plan.pool, format=plan.format, skip_invalid=plan.skip_invalid)
+    return shared
+
+
+def actor_shape(ray: Any, plan: ShardPlan, workers: int | None) -> tuple[int, int, int]:
+    """(actors, GPUs in the cluster used, torch threads per CPU actor)."""
+    resources = ray.cluster_resources()
+    runtime = config_from_dict(RuntimeConfig, plan.runtime)
+    n_gpu = int(resources.get("GPU", 0)) if runtime.device in ("auto", "cuda") else 0
+    size = workers or (n_gpu if n_gpu else 1)
+    return size, n_gpu, 0 if n_gpu else max(1, int(resources.get("CPU", 1)) // size)
+
+
+@contextmanager
+def quiet_data_context(ray: Any) -> Iterator[None]:
+    """Ray Data settings for one pipeline (a chunk is one block; no progress bars), restored after."""
+    ctx = ray.data.DataContext.get_current()
+    saved = {k: getattr(ctx, k) for k in _RAY_CONTEXT}
+    ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1 << 32)
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(ctx, k, v)
+
+
+def drain(ray: Any, plan: ShardPlan, pending: list[ChunkSpan], spec: dict[str, Any], shared: Any,
+          size: int, n_gpu: int, progress: bool) -> None:
+    """Run the pipeline over ``pending``; the first error row an actor returns is raised here."""
+    # reading a chunk is a seek and a few MB: the read tasks reserve no CPU, so that actors holding
+    # every CPU cannot starve them (when Ray does not fuse the read into the actors)
+    ds = ray.data.read_datasource(pool_datasource(plan.pool, pending), override_num_blocks=len(pending), num_cpus=0)
+    ds = ds.map_batches(ChunkScorer, fn_constructor_kwargs={"spec": spec, "shared": ray.put(shared)},
+                        batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=size),
+                        num_gpus=1 if n_gpu else None, num_cpus=1 if n_gpu else spec["threads"])
+    bar = progress_bar(sum(s.rows for s in pending), f"Stage II scoring (ray, {size} actors)", progress)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            errors = [e for e in batch.column("error").to_pylist() if e]
+            if errors:  # e.g. a bad pool row: the message of the single-process run
+                raise ValueError(errors[0])
+            bar.update(int(pc.sum(batch.column("rows")).as_py() or 0))
+    finally:
+        bar.close()
+
+
+def score_ray(sel: TrimSelector, plans: Mapping[str, ShardPlan], dirs: Mapping[str, Path],
+              fps: Mapping[str, Fingerprints], *, workers: int | None = None, ray_address: str | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Run Stage II as a Ray Data pipeline to completion: target set ``name`` (settings ``plans[name]``,
+    fingerprints ``fps[name]``) into ``dirs[name]``, all from one forward per batch; only chunks
+    missing in some folder are read. ``sel`` still holds the model (released here, after the IDF table)."""
+    ray = import_ray()
     t0 = time.perf_counter()
+    plan = next(iter(plans.values()))
     spans = plan_chunks(plan.pool, plan.chunk_size)
-    pending = [s for s in spans if not part_path(out_dir, s.chunk).exists()]
+    pending = [s for s in spans if any(not part_path(d, s.chunk).exists() for d in dirs.values())]
     info: dict[str, Any] = {"engine": "ray", "chunks": len(spans), "chunks_scored": len(pending)}
     if not pending:
         return info
-    fmt = detect_pool_format(plan.pool, plan.format)
-    fp = sel.fingerprints
-    shared: dict[str, Any] = {"token_ids": fp.token_ids, "vectors": fp.vectors, "counts": fp.counts,
-                              "nearest": fp.nearest}
-    if sel.score_config.idf:
-        shared["idf"] = sel.pool_idf(plan.pool, format=plan.format, skip_invalid=plan.skip_invalid)
-    model_sha = sel.lm.sha256
+    spec = {"model": plan.model_spec, "model_sha256": sel.lm.sha256, "render": plan.render,
+            "scoring": plan.scoring, "runtime": plan.runtime, "pool": plan.pool,
+            "targets": {n: {"out": str(Path(d).resolve()), "key": plans[n].key} for n, d in dirs.items()},
+            "fmt": detect_pool_format(plan.pool, plan.format), "skip_invalid": plan.skip_invalid,
+            "fault": FaultInjector.settings()}
+    shared = broadcast(sel, plan, fps)
     sel.release_model()
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=True)
-        started = True
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
-        resources = ray.cluster_resources()
-        runtime = config_from_dict(RuntimeConfig, plan.runtime)
-        n_gpu = int(resources.get("GPU", 0)) if runtime.device in ("auto", "cuda") else 0
-        n_cpu = int(resources.get("CPU", 1))
-        size = workers or (n_gpu if n_gpu else 1)
-        threads = 0 if n_gpu else max(1, n_cpu // size)
-        spec = {"model": plan.model_spec, "model_sha256": model_sha, "key": plan.key, "render": plan.render,
-                "scoring": plan.scoring, "runtime": plan.runtime, "pool": plan.pool, "out": str(out_dir.resolve()),
-                "fmt": fmt, "skip_invalid": plan.skip_invalid, "gpu": bool(n_gpu), "threads": threads,
-                "fault": FaultInjector.settings()}
-        ctx = ray.data.DataContext.get_current()
-        saved = {k: getattr(ctx, k) for k in _RAY_CONTEXT}
-        ctx.target_max_block_size = max(ctx.target_max_block_size or 0, 1 << 32)  # a chunk is one block
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        # reading a chunk is a seek and a few MB: the read tasks reserve no CPU, so that actors holding
-        # every CPU cannot starve them (when Ray does not fuse the read into the actors)
-        ds = ray.data.read_datasource(pool_datasource(plan.pool, pending), override_num_blocks=len(pending),
-                                      num_cpus=0)
-        ds = ds.map_batches(ChunkScorer, fn_constructor_kwargs={"spec": spec, "shared": ray.put(shared)},
-                            batch_size=None, batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=size),
-                            num_gpus=1 if n_gpu else None, num_cpus=1 if n_gpu else threads)
-        bar = progress_bar(sum(s.rows for s in pending), f"Stage II scoring (ray, {size} actors)", progress)
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                errors = [e for e in batch.column("error").to_pylist() if e]
-                if errors:  # e.g. a bad pool row: the message of the single-process run
-                    raise ValueError(errors[0])
-                bar.update(int(pc.sum(batch.column("rows")).as_py() or 0))
-        finally:
-            bar.close()
-            for k, v in saved.items():
-                setattr(ctx, k, v)
+        size, n_gpu, threads = actor_shape(ray, plan, workers)
+        spec.update(gpu=bool(n_gpu), threads=threads)
+        with quiet_data_context(ray):
+            drain(ray, plan, pending, spec, shared, size, n_gpu, progress)
         info.update({"actors": size, "gpus_per_actor": 1 if n_gpu else 0, "threads_per_actor": threads,
                      "ray_address": ray_address or "local", "scoring_s": round(time.perf_counter() - t0, 3)})
         return info

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..locking import folder_lock
 from ..selector import TrimSelector
 from .base import missing_chunks, prepare
+from .multi import missing_many, prepare_many, score_pool_many
 
 
 def run_shard(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: tuple[int, int], *,
@@ -41,3 +43,23 @@ def _run_shard(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: 
     return {"shard": list(shard), "chunks": len(mine), "computed": sel.stats.get("chunks_computed", 0),
             "missing_overall": missing_chunks(out_dir, n_chunks),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def run_shard_many(sel: TrimSelector, pool: str | Path, out_dir: str | Path, shard: tuple[int, int], *,
+                   budgets: Mapping[str, Any], targets: Mapping[str, Path], format: str | None = None,
+                   target_format: str | None = None, skip_invalid: bool = False) -> dict[str, Any]:
+    """One ``--shard i/n`` job of several target sets (:mod:`.multi`): Stage I of each into ``OUT/<name>/``,
+    then chunks ``k % n == i`` of the pool scored once for all of them; ``trim-select merge OUT`` later
+    writes every target's outputs and ``OUT/run.json``."""
+    with folder_lock(out_dir, f"score --shard {shard[0]}/{shard[1]} --targets (several)", shard=shard):
+        t0, out_dir = time.perf_counter(), Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _, fps, _ = prepare_many(sel, pool, out_dir, targets, budgets, engine="shards", shards=shard[1],
+                                 format=format, target_format=target_format, skip_invalid=skip_invalid)
+        writers, stats = score_pool_many(sel, pool, {n: out_dir / n for n in targets}, fps, format=format,
+                                         skip_invalid=skip_invalid, shard=shard)
+        n_chunks = math.ceil(stats.records / sel.runtime.chunk_size)
+        return {"shard": list(shard), "chunks": sum(1 for k in range(n_chunks) if k % shard[1] == shard[0]),
+                "computed": max(w.computed for w in writers.values()),
+                "missing_overall": missing_many(out_dir, targets, n_chunks),
+                "seconds": round(time.perf_counter() - t0, 3)}
