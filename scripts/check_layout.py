@@ -41,7 +41,6 @@ ALLOWED: dict[str, str] = {
     "reports/figures.py::figure_lengths": "68 lines: one matplotlib figure, panel by panel",
     "reports/load.py::load_pools": "67 lines: moved verbatim from reports.py",
     "reports/stats.py::compute_summary": "63 lines: moved verbatim from reports.py",
-    "baselines/less.py::score_less": "92 lines: LESS's checkpoint x group loop kept whole (split pending)",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
     "engines/ray.py::score_ray": "Ray init, DataContext save/restore and the pipeline share one try/finally",
     "training/lora.py": "418 lines: recipe (documented Table 7 fields) and trainer kept in one module as issue 12 asks",
