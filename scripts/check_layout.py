@@ -41,11 +41,8 @@ ALLOWED: dict[str, str] = {
     "reports/figures.py::figure_lengths": "68 lines: one matplotlib figure, panel by panel",
     "reports/load.py::load_pools": "67 lines: moved verbatim from reports.py",
     "reports/stats.py::compute_summary": "63 lines: moved verbatim from reports.py",
-    "data.py": "531 lines: readers for five formats + validation + rendering (split into data/ pending)",
-    "baselines/less.py::score_less": "92 lines: LESS's checkpoint x group loop kept whole (split pending)",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
-    "training/lora.py": "418 lines: recipe (documented Table 7 fields) and trainer kept in one module as issue 12 asks",
-    "training/lora.py::train_lora": "the resumable step loop reads top to bottom against HF Trainer",
+    "training/lora.py": "407 lines: recipe (documented Table 7 fields) and trainer kept in one module as issue 12 asks",
 }
 # Imports that the room order allows but the architecture forbids (issue 12): baselines and
 # evaluation use training/, never the warmup pipeline or the scale-out engines.

@@ -32,3 +32,15 @@ def _cache(tmp_path_factory, monkeypatch):
     # keep model conversions out of the user's cache, except the SmolLM2 one (expensive to rebuild)
     if "TRIM_SELECT_CACHE" not in os.environ:
         monkeypatch.setenv("TRIM_SELECT_CACHE", str(Path.home() / ".cache" / "trim-select"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): two
+    threads on a CPU shared with other jobs make tiny-model matmuls up to 100x slower (spin waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

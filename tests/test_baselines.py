@@ -25,6 +25,8 @@ from trim_select.config import RuntimeConfig
 from trim_select.data import load_records
 from trim_select.testing import CORPUS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TARGET_AT = 5  # pool position of the row identical to the single target
 LESS_FAST = LESSConfig(proj_dim=64, lora_r=4, lora_alpha=8, grad_batch=4, allow_no_warmup=True)
 
@@ -43,15 +45,6 @@ TARGETS = [
     {"id": "t1", "messages": [{"role": "user", "content": "Weng earns $12 an hour for babysitting."},
                               {"role": "assistant", "content": "12 / 60 = 0.2 per minute. #### 10"}]},
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops are far faster single-threaded (no thread wake-ups on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

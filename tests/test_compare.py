@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from samples import MATH_ROWS, MC_ROWS
 
 from trim_select.comparison import compare
 from trim_select.comparison.selections import ranking_of, training_rows
@@ -13,21 +14,6 @@ from trim_select.comparison.tables import paired
 from trim_select.config import RuntimeConfig
 from trim_select.evaluation import EvalConfig, evaluation_recipe
 
-MC_ROWS = [
-    {"id": "mc/0", "question": "Sasha helped her friend move the couch. How would her friend feel?",
-     "choices": ["grateful", "angry at the robot", "Yes"], "answer_index": 0},
-    {"id": "mc/1", "question": "The quick brown fox jumps. What does the dog do?",
-     "choices": ["sleeps on the mat", "paints landscapes"], "answer_index": 0},
-    {"id": "mc/2", "question": "Translate to French: Good morning.",
-     "choices": ["Bonjour", "No", "Maybe"], "answer_index": 0},
-]
-MATH_ROWS = [
-    {"id": "m/0", "question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
-     "answer": "72", "solution": "In May she sold 48 / 2 = 24 clips.\n48 + 24 = 72\n#### 72"},
-    {"id": "m/1", "question": "Compute 3 + 4 * 2.", "answer": "11", "solution": "4 * 2 = 8\n3 + 8 = 11\n#### 11"},
-    {"id": "m/2", "question": "Weng earns 12 an hour for 5 hours. How much?", "answer": "60",
-     "solution": "12 * 5 = 60\n#### 60"},
-]
 POOL = [
     ("cot", "How many clips did Natalia sell?", "48 + 24 = 72\n#### 72"),
     ("ni", "Translate to French: Good morning.", "Bonjour"),

@@ -3,6 +3,7 @@
 import numpy as np
 import oracle
 import pytest
+from samples import POOL
 
 from trim_select import build_fingerprints, score
 from trim_select.config import RenderConfig
@@ -16,18 +17,6 @@ TARGETS = [
      Message("assistant", "12 / 60 = 0.2 per minute, 0.2 * 50 = 10. #### 10")],
     [Message("user", "Compute 3 + 4 * 2."), Message("assistant", "3 + 8 = 11. #### 11")],
 ]
-POOL = [
-    [Message("user", "Translate to French: Good morning"), Message("assistant", "Bonjour")],
-    [Message("user", "Tracy used a piece of wire 4 feet long. How long in inches?"),
-     Message("assistant", "4 * 12 = 48. #### 48")],
-    [Message("user", "Write a short story about a robot that learns to paint."),
-     Message("assistant", "Once upon a time a robot painted landscapes in the morning light, zebra qux.")],
-    [Message("system", "Be brief."), Message("user", "Sasha helped her friend. How would her friend feel?"),
-     Message("assistant", "grateful"), Message("user", "Why?"), Message("assistant", "Because of help.")],
-    [Message("text", "def add(a, b):\n    return a + b  # xyzzy")],
-]
-
-
 def render(tok, convs, scope="all", score_template=True):
     r = Renderer(tok, RenderConfig(scope=scope, score_template=score_template))
     return [r.render(c) for c in convs]

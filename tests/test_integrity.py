@@ -53,6 +53,18 @@ def _edit(rows: list[dict], how: str) -> list[dict]:
     return rows
 
 
+def _selected(tmp: Path, model: Path) -> tuple[Path, Path, Path, list[str]]:
+    """Pool, targets, OUT and the ``trim-select select`` arguments (tiny model, chunks of 4 rows, so
+    several part files) after one successful run."""
+    pool, targets = _files(tmp)
+    out = tmp / "out"
+    args = [str(a) for a in ["select", "--pool", pool, "--targets", targets, "--budget", "3", "--out", out,
+                             "--model", model, "--dtype", "float32", "--chunk-size", "4", "--quiet"]]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    return pool, targets, out, args
+
+
 def _files(tmp: Path, fmt: str = "jsonl") -> tuple[Path, Path]:
     targets = tmp / "targets.jsonl"
     targets.write_text(json.dumps(TARGET) + "\n")
@@ -116,12 +128,7 @@ def test_select_refuses_a_pool_edited_in_place_and_recomputes_with_overwrite(tin
 
 
 def test_select_cli_refuses_targets_edited_in_place_naming_the_file(tiny_dir, tmp_path):
-    pool, targets = _files(tmp_path)
-    out = tmp_path / "out"
-    args = ["select", "--pool", pool, "--targets", targets, "--budget", "3", "--out", out, "--model", tiny_dir,
-            "--dtype", "float32", "--chunk-size", "4", "--quiet"]
-    run = CliRunner().invoke(app, [str(a) for a in args])
-    assert run.exit_code == 0, run.output
+    _, targets, out, args = _selected(tmp_path, tiny_dir)
     targets.write_text(targets.read_text().replace("Natalia", "Nata1ia"))
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 2 and "targets file" in res.output and "--overwrite" in res.output
@@ -283,12 +290,7 @@ def test_lock_is_released_on_exceptions(tmp_path):
 def test_resumed_run_reports_the_stage2_seconds_of_every_part_it_reused(tiny_dir, tmp_path):
     from trim_select.io import PART_SECONDS
 
-    pool, targets = _files(tmp_path)
-    out = tmp_path / "out"
-    args = ["select", "--pool", pool, "--targets", targets, "--budget", "3", "--out", out, "--model", tiny_dir,
-            "--dtype", "float32", "--chunk-size", "4", "--quiet"]
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, res.output
+    _, _, out, args = _selected(tmp_path, tiny_dir)
     parts = sorted((out / "parts").glob("part-*.parquet"))
     recorded = [float(pq.read_schema(p).metadata[PART_SECONDS.encode()]) for p in parts]
     assert len(parts) > 1 and all(s > 0 for s in recorded)

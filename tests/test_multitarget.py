@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from samples import POOL as SHARED_POOL
 from transformers import LlamaConfig, MistralConfig
 
 from trim_select import build_fingerprints
@@ -21,17 +22,7 @@ SOCIAL = [
      Message("assistant", "grateful")],
 ]
 CODE = [[Message("user", "def add(a, b):"), Message("assistant", "    return a + b")]]
-POOL = [
-    [Message("user", "Translate to French: Good morning"), Message("assistant", "Bonjour")],
-    [Message("user", "Tracy used a piece of wire 4 feet long. How long in inches?"),
-     Message("assistant", "4 * 12 = 48. #### 48")],
-    [Message("user", "Write a short story about a robot that learns to paint."),
-     Message("assistant", "Once upon a time a robot painted landscapes in the morning light, zebra qux.")],
-    [Message("system", "Be brief."), Message("user", "Sasha helped her friend. How would her friend feel?"),
-     Message("assistant", "grateful"), Message("user", "Why?"), Message("assistant", "Because of help.")],
-    [Message("text", "def add(a, b):\n    return a + b  # xyzzy")],
-    [Message("user", "Weng earns $12 an hour."), Message("assistant", "The quick brown fox jumps.")],
-]
+POOL = [*SHARED_POOL, [Message("user", "Weng earns $12 an hour."), Message("assistant", "The quick brown fox jumps.")]]
 
 
 def _render(tok, convs, scope="all"):

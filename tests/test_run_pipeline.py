@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import trim_select.training.lora as lora
@@ -16,17 +15,10 @@ import trim_select.warmup as wu
 from trim_select.cli import app
 from trim_select.testing import CORPUS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 WARM = ["--fraction", "0.5", "--epochs", "2", "--batch-size", "4", "--lora-r", "4", "--lora-alpha", "8",
         "--lr", "1e-2", "--quiet"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two intra-op threads on a CPU shared with other jobs make tiny matmuls 100x slower (spin waits)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _write(path, rows):

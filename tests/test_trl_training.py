@@ -10,43 +10,21 @@ import numpy as np
 import pytest
 import torch
 import trl
-from safetensors.torch import load_file
+from samples import adapter_tensors, chat_records, train_interrupted
 from transformers.trainer_pt_utils import safe_globals
 
 from trim_select.batching import collate
-from trim_select.data import Message, Record
 from trim_select.models import load_causal_lm, load_tokenizer
-from trim_select.testing import CORPUS
 from trim_select.training.checkpoints import list_checkpoints, load_optimizer_state
 from trim_select.training.labels import epoch_order, label_loss_sum
 from trim_select.training.lora import LoraRecipe, train_lora, training_data
 from trim_select.training.trl_sft import HF_DIR, micro_batch_rows, step_order, train_lora_trl
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # dropout on, mid-epoch checkpoints, a partial last step per epoch (8 rows, batch 3): 9 steps, saves at 2,4,6,8,9
 RECIPE = LoraRecipe(lr=5e-3, epochs=3, batch_size=3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
                     warmup_ratio=0.2, save_steps=2, device="cpu")  # float32: exact comparisons
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core CPU
-    yield
-    torch.set_num_threads(before)
-
-
-def _rec(i: int, user: str, assistant: str) -> Record:
-    msgs = (Message("user", user), Message("assistant", assistant))
-    row = {"id": f"r{i}", "messages": [{"role": m.role, "content": m.content} for m in msgs]}
-    return Record(index=i, line=i + 1, id=f"r{i}", messages=msgs, raw=json.dumps(row).encode())
-
-
-def _records(n: int) -> list[Record]:
-    return [_rec(i, CORPUS[i % 12], CORPUS[(i * 5 + 1) % 12]) for i in range(n)]
-
-
-def _adapter(path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "adapter_model.safetensors"))
 
 
 def _assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
@@ -56,7 +34,7 @@ def _assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
 
 
 def test_first_step_loss_is_the_mean_over_the_steps_response_tokens(tiny_dir, tmp_path):
-    records = _records(8)
+    records = chat_records(8)
     recipe = replace(RECIPE, epochs=1)
     trl_run = train_lora_trl(str(tiny_dir), records, tmp_path / "trl", recipe, progress=False)
     ours = train_lora(str(tiny_dir), records, tmp_path / "ours", recipe, progress=False)
@@ -76,7 +54,7 @@ def test_first_step_loss_is_the_mean_over_the_steps_response_tokens(tiny_dir, tm
 
 def test_trl_run_reproduces_our_loop(tiny_dir, tmp_path):
     # same rows per step, same dropout draws, same AdamW + schedule: the same trajectory to float rounding
-    records = _records(8)
+    records = chat_records(8)
     ours = train_lora(str(tiny_dir), records, tmp_path / "ours", RECIPE, progress=False)
     res = train_lora_trl(str(tiny_dir), records, tmp_path / "trl", RECIPE, progress=False)
     assert [h["lr"] for h in res.history] == pytest.approx([h["lr"] for h in ours.history], rel=1e-12)
@@ -84,7 +62,7 @@ def test_trl_run_reproduces_our_loop(tiny_dir, tmp_path):
     assert [h["tokens"] for h in res.history] == [h["tokens"] for h in ours.history]
     assert [h["grad_norm"] for h in res.history] == pytest.approx([h["grad_norm"] for h in ours.history],
                                                                   rel=1e-4)
-    _assert_same_adapter(_adapter(ours.final), _adapter(res.final), atol=1e-5)
+    _assert_same_adapter(adapter_tensors(ours.final), adapter_tensors(res.final), atol=1e-5)
     assert [c.name for c in res.checkpoints] == [c.name for c in ours.checkpoints]
 
 
@@ -97,7 +75,7 @@ def test_only_assistant_tokens_carry_labels(tiny_dir, tmp_path, monkeypatch):
         return original(self, model, inputs, *a, **kw)
 
     monkeypatch.setattr(trl.SFTTrainer, "training_step", spy)
-    records = _records(4)
+    records = chat_records(4)
     recipe = replace(RECIPE, epochs=1, batch_size=2)
     train_lora_trl(str(tiny_dir), records, tmp_path / "w", recipe, progress=False)
     tok = load_tokenizer(tiny_dir)
@@ -126,7 +104,7 @@ def test_step_order_is_the_epoch_order_longest_first_within_each_step():
 
 
 def test_checkpoints_load_without_unpickling_and_moments_are_keyed_like_ours(tiny_dir, tmp_path):
-    records = _records(6)
+    records = chat_records(6)
     recipe = replace(RECIPE, epochs=2, save_steps=0)
     res = train_lora_trl(str(tiny_dir), records, tmp_path / "trl", recipe, progress=False)
     ours = train_lora(str(tiny_dir), records, tmp_path / "ours", recipe, progress=False)
@@ -138,7 +116,7 @@ def test_checkpoints_load_without_unpickling_and_moments_are_keyed_like_ours(tin
     ref = load_optimizer_state(list_checkpoints(tmp_path / "ours")[-1].path)
     for c in ckpts:
         moments = load_optimizer_state(c.path)
-        assert set(moments) == set(_adapter(c.path)) == set(ref)
+        assert set(moments) == set(adapter_tensors(c.path)) == set(ref)
         assert all(set(m) == {"exp_avg", "exp_avg_sq"} for m in moments.values())
         state = json.loads((c.path / "state.json").read_text())
         seg = [h["lr"] for h in state["history"]][c.step - 2:c.step]
@@ -151,20 +129,11 @@ def test_checkpoints_load_without_unpickling_and_moments_are_keyed_like_ours(tin
     assert summary["backend"] == "trl" and len(summary["losses"]) == 4
 
 
-class _Crash(Exception):
-    pass
-
-
 def test_kill_and_resume_gives_the_identical_final_adapter(tiny_dir, tmp_path):
-    records = _records(8)
+    records = chat_records(8)
     ref = train_lora_trl(str(tiny_dir), records, tmp_path / "ref", RECIPE, progress=False)
 
-    def crash_at_5(step, _rec):
-        if step == 5:
-            raise _Crash
-
-    with pytest.raises(_Crash):
-        train_lora_trl(str(tiny_dir), records, tmp_path / "cut", RECIPE, progress=False, on_step=crash_at_5)
+    train_interrupted(train_lora_trl, str(tiny_dir), records, tmp_path / "cut", RECIPE, progress=False, at=5)
     assert not (tmp_path / "cut" / "final").exists()
     assert list_checkpoints(tmp_path / "cut")[-1].step == 4
     hf = tmp_path / "cut" / HF_DIR
@@ -177,7 +146,7 @@ def test_kill_and_resume_gives_the_identical_final_adapter(tiny_dir, tmp_path):
     res = train_lora_trl(str(tiny_dir), records, tmp_path / "cut", RECIPE, progress=False,
                          on_step=lambda s, _r: seen.append(s))
     assert seen == [5, 6, 7, 8, 9]  # continued from step 4
-    a, b = _adapter(ref.final), _adapter(res.final)
+    a, b = adapter_tensors(ref.final), adapter_tensors(res.final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res.losses == ref.losses
     again = train_lora_trl(str(tiny_dir), records, tmp_path / "cut", RECIPE, progress=False,
@@ -186,11 +155,11 @@ def test_kill_and_resume_gives_the_identical_final_adapter(tiny_dir, tmp_path):
 
 
 def test_same_seed_same_adapter_other_seed_other_adapter(tiny_dir, tmp_path):
-    records = _records(6)
+    records = chat_records(6)
     recipe = replace(RECIPE, epochs=1)
-    one = _adapter(train_lora_trl(str(tiny_dir), records, tmp_path / "a", recipe, progress=False).final)
-    two = _adapter(train_lora_trl(str(tiny_dir), records, tmp_path / "b", recipe, progress=False).final)
-    other = _adapter(train_lora_trl(str(tiny_dir), records, tmp_path / "c", replace(recipe, seed=1),
+    one = adapter_tensors(train_lora_trl(str(tiny_dir), records, tmp_path / "a", recipe, progress=False).final)
+    two = adapter_tensors(train_lora_trl(str(tiny_dir), records, tmp_path / "b", recipe, progress=False).final)
+    other = adapter_tensors(train_lora_trl(str(tiny_dir), records, tmp_path / "c", replace(recipe, seed=1),
                                     progress=False).final)
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert any(not torch.allclose(one[k], other[k]) for k in one)
@@ -205,12 +174,12 @@ def test_leaves_global_rngs_and_refuses_a_folder_of_the_other_backend(tiny_dir, 
     random.seed(11)
     np.random.seed(11)
     torch.manual_seed(11)
-    train_lora_trl(str(tiny_dir), _records(4), tmp_path / "w", recipe, progress=False)
+    train_lora_trl(str(tiny_dir), chat_records(4), tmp_path / "w", recipe, progress=False)
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
-    train_lora(str(tiny_dir), _records(4), tmp_path / "ours", recipe, progress=False)
+    train_lora(str(tiny_dir), chat_records(4), tmp_path / "ours", recipe, progress=False)
     with pytest.raises(RuntimeError, match="different settings"):
-        train_lora_trl(str(tiny_dir), _records(4), tmp_path / "ours", recipe, progress=False)
-    res = train_lora_trl(str(tiny_dir), _records(4), tmp_path / "ours", recipe, progress=False, overwrite=True)
+        train_lora_trl(str(tiny_dir), chat_records(4), tmp_path / "ours", recipe, progress=False)
+    res = train_lora_trl(str(tiny_dir), chat_records(4), tmp_path / "ours", recipe, progress=False, overwrite=True)
     assert not res.cached and json.loads((res.out_dir / "train.json").read_text())["backend"] == "trl"
 
 
@@ -224,19 +193,19 @@ def test_micro_batch_rows_accumulate_to_the_recipe_batch():
 
 def test_gradient_checkpointing_leaves_the_update_unchanged(tiny_dir, tmp_path):
     recipe = replace(RECIPE, epochs=1)
-    plain = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "a", recipe, progress=False)
-    ckpt = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "b", replace(recipe, gradient_checkpointing=True),
+    plain = train_lora_trl(str(tiny_dir), chat_records(6), tmp_path / "a", recipe, progress=False)
+    ckpt = train_lora_trl(str(tiny_dir), chat_records(6), tmp_path / "b", replace(recipe, gradient_checkpointing=True),
                           progress=False)
     assert ckpt.losses == pytest.approx(plain.losses, abs=1e-6)
-    _assert_same_adapter(_adapter(plain.final), _adapter(ckpt.final), atol=1e-6)
+    _assert_same_adapter(adapter_tensors(plain.final), adapter_tensors(ckpt.final), atol=1e-6)
 
 
 def test_bf16_autocast_follows_our_loop(tiny_dir, tmp_path):
     # recipe dtype bf16: the Trainer's bf16=True autocasts on CPU too (float32 weights), like train_lora
     recipe = replace(RECIPE, epochs=1, dtype="bf16")
-    ours = train_lora(str(tiny_dir), _records(6), tmp_path / "ours", recipe, progress=False)
-    res = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "trl", recipe, progress=False)
-    fp32 = train_lora_trl(str(tiny_dir), _records(6), tmp_path / "fp32", replace(recipe, dtype="float32"),
+    ours = train_lora(str(tiny_dir), chat_records(6), tmp_path / "ours", recipe, progress=False)
+    res = train_lora_trl(str(tiny_dir), chat_records(6), tmp_path / "trl", recipe, progress=False)
+    fp32 = train_lora_trl(str(tiny_dir), chat_records(6), tmp_path / "fp32", replace(recipe, dtype="float32"),
                           progress=False)
     assert res.losses == pytest.approx(ours.losses, abs=2e-4)
     assert max(abs(a - b) for a, b in zip(res.losses, fp32.losses, strict=True)) > 1e-5  # autocast is on

@@ -9,11 +9,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from samples import adapter_tensors, chat_records, train_interrupted
 
 from trim_select.data import Message, Record
 from trim_select.pipeline import aggregate_scores
-from trim_select.testing import CORPUS, make_model, make_tokenizer
+from trim_select.testing import make_model, make_tokenizer
 from trim_select.training.checkpoints import (
     Checkpoint,
     checkpoint_weights,
@@ -32,18 +32,11 @@ from trim_select.training.lora import (
 )
 from trim_select.warmup import draw_subset, warmup
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # Tiny-model settings: fast, and strong enough to move the loss (Table 7 values are tested separately).
 FAST = LoraRecipe(lr=3e-2, epochs=8, batch_size=4, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                   warmup_ratio=0.0, schedule="constant", micro_batch_tokens=512)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two intra-op threads on a CPU shared with other jobs make tiny matmuls 100x slower (spin waits)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +50,6 @@ def learnable_dir(tmp_path_factory):
         model.model.embed_tokens.weight.mul_(8.0)
     model.save_pretrained(d)
     return d
-
-
-def _rec(i: int, user: str, assistant: str) -> Record:
-    msgs = (Message("user", user), Message("assistant", assistant))
-    row = {"id": f"r{i}", "messages": [{"role": m.role, "content": m.content} for m in msgs]}
-    return Record(index=i, line=i + 1, id=f"r{i}", messages=msgs, raw=json.dumps(row).encode())
-
-
-def _records(n: int) -> list[Record]:
-    return [_rec(i, CORPUS[i % 12], CORPUS[(i * 5 + 1) % 12]) for i in range(n)]
-
-
-def _adapter(path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "adapter_model.safetensors"))
 
 
 def test_recipe_defaults_are_table_7():
@@ -121,12 +100,12 @@ def test_only_assistant_tokens_carry_loss(tiny_dir, tiny):
 def test_warmup_changes_lora_weights_and_loss_decreases_on_repeated_data(learnable_dir, tmp_path):
     from trim_select.models import load_model
 
-    records = _records(4) * 2  # a repeated tiny dataset: the model can memorise it
+    records = chat_records(4) * 2  # a repeated tiny dataset: the model can memorise it
     res = train_lora(str(learnable_dir), records, tmp_path / "w", FAST, progress=False)
     losses = res.losses
     assert len(losses) == 8 * 2
     assert np.mean(losses[-4:]) < losses[0] - 0.3, losses
-    lora_b = [t for k, t in _adapter(res.final).items() if "lora_B" in k]
+    lora_b = [t for k, t in adapter_tensors(res.final).items() if "lora_B" in k]
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)  # B starts at zero
     base = load_model(str(learnable_dir), device="cpu", dtype="float32").model
     warm = load_model(str(res.final), device="cpu", dtype="float32").model  # adapter merged
@@ -138,7 +117,7 @@ def test_warmup_changes_lora_weights_and_loss_decreases_on_repeated_data(learnab
 
 def test_checkpoints_follow_the_shared_contract(tiny_dir, tmp_path):
     recipe = LoraRecipe(lr=1e-3, epochs=2, batch_size=3, lora_r=4, lora_alpha=8, warmup_ratio=0.3)
-    res = train_lora(str(tiny_dir), _records(6), tmp_path / "w", recipe, progress=False)
+    res = train_lora(str(tiny_dir), chat_records(6), tmp_path / "w", recipe, progress=False)
     ckpts = list_checkpoints(tmp_path / "w")
     assert [c.name for c in ckpts] == ["step-000002", "step-000004"]  # one per epoch
     for c in ckpts:
@@ -152,40 +131,31 @@ def test_checkpoints_follow_the_shared_contract(tiny_dir, tmp_path):
         seg = [h["lr"] for h in state["history"]][c.step - 2:c.step]
         assert state["learning_rate"] == pytest.approx(np.mean(seg))
         moments = load_optimizer_state(c.path)
-        assert set(moments) == set(_adapter(c.path))  # keyed by the adapter file's names
+        assert set(moments) == set(adapter_tensors(c.path))  # keyed by the adapter file's names
         assert all(set(m) == {"exp_avg", "exp_avg_sq"} for m in moments.values())
     assert {p.name for p in res.final.iterdir()} == {"adapter_model.safetensors", "adapter_config.json",
                                                      "trim_select_base.json"}
-    last = _adapter(ckpts[-1].path)
-    assert all(torch.equal(t, last[k]) for k, t in _adapter(res.final).items())
+    last = adapter_tensors(ckpts[-1].path)
+    assert all(torch.equal(t, last[k]) for k, t in adapter_tensors(res.final).items())
     summary = json.loads((tmp_path / "w" / "train.json").read_text())
     assert len(summary["losses"]) == 4 and summary["tokens_per_s"] > 0
-
-
-class _Crash(Exception):
-    pass
 
 
 def test_resume_after_interruption_gives_same_final_adapter(tiny_dir, tmp_path):
     # dropout on, checkpoints mid-epoch: the resumed run must redo the same dropout masks and data order
     recipe = LoraRecipe(lr=5e-3, epochs=3, batch_size=3, lora_r=4, lora_alpha=8, lora_dropout=0.1,
                         warmup_ratio=0.2, save_steps=2, micro_batch_tokens=64)
-    records = _records(8)  # 3 steps per epoch, 9 in all; checkpoints at 2, 4, 6, 8, 9
+    records = chat_records(8)  # 3 steps per epoch, 9 in all; checkpoints at 2, 4, 6, 8, 9
     ref = train_lora(str(tiny_dir), records, tmp_path / "ref", recipe, progress=False)
 
-    def crash_at_5(step, _rec):
-        if step == 5:
-            raise _Crash
-
-    with pytest.raises(_Crash):
-        train_lora(str(tiny_dir), records, tmp_path / "cut", recipe, progress=False, on_step=crash_at_5)
+    train_interrupted(train_lora, str(tiny_dir), records, tmp_path / "cut", recipe, progress=False, at=5)
     assert not (tmp_path / "cut" / "final").exists()
     assert list_checkpoints(tmp_path / "cut")[-1].step == 4
     seen: list[int] = []
     res = train_lora(str(tiny_dir), records, tmp_path / "cut", recipe, progress=False,
                      on_step=lambda s, _r: seen.append(s))
     assert seen == [5, 6, 7, 8, 9]  # continued from step-000004, did not start over
-    a, b = _adapter(ref.final), _adapter(res.final)
+    a, b = adapter_tensors(ref.final), adapter_tensors(res.final)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
@@ -198,10 +168,10 @@ def test_resume_after_interruption_gives_same_final_adapter(tiny_dir, tmp_path):
 
 def test_refuses_to_resume_with_other_settings(tiny_dir, tmp_path):
     recipe = LoraRecipe(lr=1e-3, epochs=1, batch_size=4, lora_r=4, lora_alpha=8)
-    train_lora(str(tiny_dir), _records(4), tmp_path / "w", recipe, progress=False)
+    train_lora(str(tiny_dir), chat_records(4), tmp_path / "w", recipe, progress=False)
     with pytest.raises(RuntimeError, match="different settings"):
         other = LoraRecipe(lr=2e-3, epochs=1, batch_size=4, lora_r=4, lora_alpha=8)
-        train_lora(str(tiny_dir), _records(4), tmp_path / "w", other, progress=False)
+        train_lora(str(tiny_dir), chat_records(4), tmp_path / "w", other, progress=False)
 
 
 def test_micro_batch_split_does_not_change_the_update(tiny_dir, tmp_path):
@@ -209,11 +179,11 @@ def test_micro_batch_split_does_not_change_the_update(tiny_dir, tmp_path):
     # and padding is masked: one padded micro-batch of 6 == six unpadded micro-batches of 1
     base = LoraRecipe(lr=1e-2, epochs=1, batch_size=6, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                       warmup_ratio=0.0)
-    one = train_lora(str(tiny_dir), _records(6), tmp_path / "one", replace(base, micro_batch_size=6),
+    one = train_lora(str(tiny_dir), chat_records(6), tmp_path / "one", replace(base, micro_batch_size=6),
                      progress=False)
-    many = train_lora(str(tiny_dir), _records(6), tmp_path / "many", replace(base, micro_batch_size=1),
+    many = train_lora(str(tiny_dir), chat_records(6), tmp_path / "many", replace(base, micro_batch_size=1),
                       progress=False)
-    a, b = _adapter(one.final), _adapter(many.final)
+    a, b = adapter_tensors(one.final), adapter_tensors(many.final)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
@@ -222,7 +192,7 @@ def test_training_leaves_global_rngs_untouched(tiny_dir, tmp_path):
     torch_state = torch.random.get_rng_state()
     np_state = np.random.get_state()[1].copy()
     recipe = LoraRecipe(lr=1e-3, epochs=1, batch_size=4, lora_r=4, lora_alpha=8)
-    train_lora(str(tiny_dir), _records(4), tmp_path / "w", recipe, progress=False)
+    train_lora(str(tiny_dir), chat_records(4), tmp_path / "w", recipe, progress=False)
     assert torch.equal(torch.random.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], np_state)
 
@@ -239,7 +209,7 @@ def test_subset_and_order_are_seeded():
 
 def test_warmup_trains_on_the_seeded_subset_and_is_cached(tiny_dir, tmp_path):
     pool = tmp_path / "pool.jsonl"
-    pool.write_text("".join(r.raw.decode() + "\n" for r in _records(20)))
+    pool.write_text("".join(r.raw.decode() + "\n" for r in chat_records(20)))
     recipe = LoraRecipe(lr=1e-3, epochs=1, batch_size=4, lora_r=4, lora_alpha=8)
     res = warmup(pool, tmp_path / "w", str(tiny_dir), fraction=0.25, seed=3, recipe=recipe, progress=False)
     want = draw_subset(20, 0.25, 3)
@@ -277,7 +247,7 @@ def test_aggregate_scores_is_the_weighted_sum_and_keeps_minus_inf():
 
 def test_choose_checkpoints_by_name(tiny_dir, tmp_path):
     recipe = LoraRecipe(lr=1e-3, epochs=3, batch_size=4, lora_r=4, lora_alpha=8)
-    train_lora(str(tiny_dir), _records(4), tmp_path / "w", recipe, progress=False)
+    train_lora(str(tiny_dir), chat_records(4), tmp_path / "w", recipe, progress=False)
     assert [c.step for c in choose_checkpoints(tmp_path / "w", "last")] == [3]
     assert [c.step for c in choose_checkpoints(tmp_path / "w", "all")] == [1, 2, 3]
     assert [c.step for c in choose_checkpoints(tmp_path / "w", "step-000002,1")] == [1, 2]

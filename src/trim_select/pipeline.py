@@ -187,6 +187,18 @@ class _WarmStage:
     model_id: str  # identity of the scoring model(s) in the run key
 
 
+def run_warmup(pool: str | Path, out_dir: str | Path, model: str, pipeline: PipelineConfig,
+               runtime: RuntimeConfig = RuntimeConfig(), *, format: str | None = None, skip_invalid: bool = False,
+               progress: bool = True, overwrite: bool = False) -> WarmupResult:
+    """The warmup of ``trim-select run`` in ``out_dir``: the pipeline's fraction, seed and recipe (its
+    device ``auto`` taking the runtime's), trained once and reused when complete (``compare`` too)."""
+    recipe = replace(pipeline.recipe, device=pipeline.recipe.device if pipeline.recipe.device != "auto"
+                     else runtime.device)
+    return warmup(pool, out_dir, model, pipeline.fraction, pipeline.seed, recipe, format=format,
+                  skip_invalid=skip_invalid, progress=progress, overwrite=overwrite,
+                  trust_remote_code=runtime.trust_remote_code)
+
+
 def _warm_stage(pool: str | Path, out: Path, model: str, pipeline: PipelineConfig, runtime: RuntimeConfig,
                 format: str | None, skip_invalid: bool, progress: bool, overwrite: bool) -> _WarmStage:
     """The warmup (cached when complete) and the checkpoints to score with, or the plain model."""
@@ -194,11 +206,8 @@ def _warm_stage(pool: str | Path, out: Path, model: str, pipeline: PipelineConfi
         if pipeline.checkpoints != "last":
             raise ValueError("--checkpoints needs a warmup (drop --no-warmup)")
         return _WarmStage(None, [], np.zeros(0), [model], str(resolve_model_path(model).resolve()))
-    recipe = replace(pipeline.recipe, device=pipeline.recipe.device if pipeline.recipe.device != "auto"
-                     else runtime.device)
-    warm = warmup(pool, out / "warmup", model, pipeline.fraction, pipeline.seed, recipe, format=format,
-                  skip_invalid=skip_invalid, progress=progress, overwrite=overwrite,
-                  trust_remote_code=runtime.trust_remote_code)
+    warm = run_warmup(pool, out / "warmup", model, pipeline, runtime, format=format, skip_invalid=skip_invalid,
+                      progress=progress, overwrite=overwrite)
     ckpts = choose_checkpoints(out / "warmup", pipeline.checkpoints)
     weights = checkpoint_weights(ckpts) if len(ckpts) > 1 else np.ones(1)
     last_only = pipeline.checkpoints == "last"

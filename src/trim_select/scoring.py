@@ -22,9 +22,13 @@ import numpy as np
 import torch
 
 from .batching import collate, padding_mask_free, plan_batches, run_with_backoff
+from .config import RuntimeConfig, ScoreConfig
 from .data import TokenSequence, as_sequence
 from .fingerprints import Fingerprints, nearest_rows
 from .models import base_model, embedding_matrix, model_pad_id
+
+# the defaults of every signature below, read from the config dataclasses (each default written once)
+SCORE, RUNTIME = ScoreConfig(), RuntimeConfig()
 
 
 class TokenMatcher:
@@ -34,7 +38,7 @@ class TokenMatcher:
     (Eq. 11; ties to the smallest token id), computed with a chunked matmul.
     """
 
-    def __init__(self, fp: Fingerprints, embeddings: torch.Tensor, penalty: float | None = 1.0,
+    def __init__(self, fp: Fingerprints, embeddings: torch.Tensor, penalty: float | None = SCORE.penalty,
                  device: torch.device | str | None = None, chunk: int = 8192,
                  idf: np.ndarray | None = None):
         device = torch.device(device) if device is not None else embeddings.device
@@ -103,9 +107,9 @@ def pool_scores(
     matcher: TokenMatcher,
     batch: Mapping[str, torch.Tensor],
     hidden: torch.Tensor,
-    mean_weight: float = 0.5,
-    max_weight: float = 0.5,
-    coverage_weight: float = 0.05,
+    mean_weight: float = SCORE.mean_weight,
+    max_weight: float = SCORE.max_weight,
+    coverage_weight: float = SCORE.coverage_weight,
 ) -> dict[str, torch.Tensor]:
     """Eq. 13-15 on a collated batch, given its last hidden states.
 
@@ -154,10 +158,11 @@ class Scorer:
     from the forward where that is exact (:func:`~trim_select.batching.padding_mask_free`).
     """
 
-    def __init__(self, model: Any, fingerprints: Targets, *, penalty: float | None = 1.0,
-                 mean_weight: float = 0.5, max_weight: float = 0.5, coverage_weight: float = 0.05,
-                 idf: np.ndarray | None = None, batch_tokens: int = 16384, max_batch_size: int = 256,
-                 pad_id: int | None = None, compile: bool = False, mask_free: bool = True):
+    def __init__(self, model: Any, fingerprints: Targets, *, penalty: float | None = SCORE.penalty,
+                 mean_weight: float = SCORE.mean_weight, max_weight: float = SCORE.max_weight,
+                 coverage_weight: float = SCORE.coverage_weight, idf: np.ndarray | None = None,
+                 batch_tokens: int = RUNTIME.batch_tokens, max_batch_size: int = RUNTIME.max_batch_size,
+                 pad_id: int | None = None, compile: bool = RUNTIME.compile, mask_free: bool = RUNTIME.mask_free):
         self.model = model
         self.base = base_model(model)
         self._forward = torch.compile(self.base, dynamic=True) if compile else self.base
@@ -236,13 +241,15 @@ class Scorer:
             raise ValueError(f"{len(self.matchers)} target sets: use score_sequences_many")
         return self.score_sequences_many(seqs, on_batch)[self.names[0]]
 
-    def iter_chunks_many(self, pool: Iterable[Mapping[str, Any] | TokenSequence], chunk_size: int = 2048
+    def iter_chunks_many(self, pool: Iterable[Mapping[str, Any] | TokenSequence],
+                         chunk_size: int = RUNTIME.chunk_size
                          ) -> Iterator[dict[str, ScoreDetails]]:
         it = iter(pool)
         while chunk := list(islice(it, chunk_size)):
             yield self.score_sequences_many([as_sequence(x) for x in chunk])
 
-    def iter_chunks(self, pool: Iterable[Mapping[str, Any] | TokenSequence], chunk_size: int = 2048
+    def iter_chunks(self, pool: Iterable[Mapping[str, Any] | TokenSequence],
+                    chunk_size: int = RUNTIME.chunk_size
                     ) -> Iterator[ScoreDetails]:
         it = iter(pool)
         while chunk := list(islice(it, chunk_size)):
@@ -253,16 +260,16 @@ def score_details_many(
     model: Any,
     pool: Iterable[Mapping[str, Any] | TokenSequence],
     targets: Mapping[str, Fingerprints],
-    penalty: float | None = 1.0,
-    mean_weight: float = 0.5,
-    max_weight: float = 0.5,
-    coverage_weight: float = 0.05,
+    penalty: float | None = SCORE.penalty,
+    mean_weight: float = SCORE.mean_weight,
+    max_weight: float = SCORE.max_weight,
+    coverage_weight: float = SCORE.coverage_weight,
     *,
     idf: np.ndarray | None = None,
-    batch_tokens: int = 16384,
-    max_batch_size: int = 256,
-    chunk_size: int = 2048,
-    mask_free: bool = True,
+    batch_tokens: int = RUNTIME.batch_tokens,
+    max_batch_size: int = RUNTIME.max_batch_size,
+    chunk_size: int = RUNTIME.chunk_size,
+    mask_free: bool = RUNTIME.mask_free,
 ) -> dict[str, ScoreDetails]:
     """Stage II for several target sets from one pool pass: ``{name: ScoreDetails}``, each equal to
     :func:`score_details` with that target alone (Eq. 10-15 per target, one forward per batch)."""
@@ -276,39 +283,18 @@ def score_details_many(
     return {name: ScoreDetails.concat(p) for name, p in parts.items()}
 
 
-def score_details(
-    model: Any,
-    pool: Iterable[Mapping[str, Any] | TokenSequence],
-    fp: Fingerprints,
-    penalty: float | None = 1.0,
-    mean_weight: float = 0.5,
-    max_weight: float = 0.5,
-    coverage_weight: float = 0.05,
-    *,
-    idf: np.ndarray | None = None,
-    batch_tokens: int = 16384,
-    max_batch_size: int = 256,
-    chunk_size: int = 2048,
-    mask_free: bool = True,
-) -> ScoreDetails:
-    """Stage II with every per-example component (mean, max, coverage, counts)."""
-    return score_details_many(model, pool, {"target": fp}, penalty, mean_weight, max_weight, coverage_weight,
-                              idf=idf, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-                              chunk_size=chunk_size, mask_free=mask_free)["target"]
+def score_details(model: Any, pool: Iterable[Mapping[str, Any] | TokenSequence], fp: Fingerprints,
+                  *args: Any, **kw: Any) -> ScoreDetails:
+    """Stage II with every per-example component (mean, max, coverage, counts); the arguments after
+    ``fp`` (positional or by name) and their defaults are :func:`score_details_many`'s."""
+    return score_details_many(model, pool, {"target": fp}, *args, **kw)["target"]
 
 
-def score(
-    model: Any,
-    pool: Iterable[Mapping[str, Any] | TokenSequence],
-    fp: Fingerprints,
-    penalty: float | None = 1.0,
-    mean_weight: float = 0.5,
-    max_weight: float = 0.5,
-    coverage_weight: float = 0.05,
-    **kw: Any,
-) -> np.ndarray:
-    """Stage II: ``S(c)`` (Eq. 15) for every pool example, a NumPy array aligned with ``pool``."""
-    return score_details(model, pool, fp, penalty, mean_weight, max_weight, coverage_weight, **kw).score
+def score(model: Any, pool: Iterable[Mapping[str, Any] | TokenSequence], fp: Fingerprints,
+          *args: Any, **kw: Any) -> np.ndarray:
+    """Stage II: ``S(c)`` (Eq. 15) for every pool example, a NumPy array aligned with ``pool``; the
+    arguments after ``fp`` are :func:`score_details_many`'s."""
+    return score_details(model, pool, fp, *args, **kw).score
 
 
 def token_idf(sequences: Iterable[Mapping[str, Any] | TokenSequence], vocab: int) -> np.ndarray:

@@ -45,17 +45,10 @@ from ..models import (
     resolve_model_path,
     weights_sha256,
 )
-from ..training.checkpoints import (
-    Checkpoint,
-    checkpoint_weights,
-    choose_checkpoints,
-    find_checkpoints,
-    load_optimizer_state,
-    optimizer_step,
-)
+from ..training.checkpoints import Checkpoint, load_optimizer_state, optimizer_step
 from ..training.labels import label_loss_sum, label_mask
 from .base import BaselineInputs, BaselineScores, SelectionCost, register
-from .features import group_means, target_groups, unit
+from .features import CheckpointMatching, unit, weighted_checkpoints
 from .projection import KINDS, Projector
 
 
@@ -250,7 +243,55 @@ class GradientFeaturizer:
 # --------------------------------------------------------------------------------------------
 
 
-# Over ~60 lines on purpose (scripts/check_layout.py ALLOWED): the checkpoint x group loop kept whole.
+def less_checkpoints(inputs: BaselineInputs, config: LESSConfig) -> tuple[list[Checkpoint], np.ndarray]:
+    """The warmup checkpoints LESS scores with and their learning-rate weights (one weight 1 for
+    the fresh-LoRA variant); refuses a plain model unless ``allow_no_warmup``."""
+    base_cfg = inputs.base
+    chosen, weights = weighted_checkpoints(base_cfg.model, base_cfg.checkpoints)
+    if not chosen and not config.allow_no_warmup:
+        raise ValueError(f"LESS needs warmup checkpoints: {base_cfg.model!r} has none. Give --model a warmup "
+                         "folder (trim-select warmup --pool POOL --out WARM), or allow the fresh-LoRA SGD "
+                         "variant explicitly (--less-allow-no-warmup; not the paper's LESS)")
+    return chosen, weights
+
+
+def pool_transform(ckpt: Checkpoint | None, config: LESSConfig, feat: GradientFeaturizer,
+                   device: torch.device) -> tuple[Any, str]:
+    """``(transform, gradient type)`` of pool gradients at ``ckpt``: LESS's Adam direction from the
+    checkpoint's moments (``adam``), or none (``sgd``) without a checkpoint or optimizer state."""
+    if ckpt is None or config.pool_gradient != "adam" or not ckpt.optimizer_path.exists():
+        return None, "sgd"
+    m, v = (t.to(device) for t in _moments(ckpt, feat.names, feat.params))
+    step = optimizer_step(ckpt.path) + 1 if config.bias_correction else None
+    kw = {"beta1": config.adam_beta1, "beta2": config.adam_beta2, "eps": config.adam_eps, "step": step}
+
+    def transform(g: torch.Tensor) -> torch.Tensor:
+        return adam_direction(g, m, v, **kw)
+
+    return transform, "adam"
+
+
+def less_info(config: LESSConfig, chosen: list[Checkpoint], weights: np.ndarray, groups: list[str],
+              projection: str | None, grad_types: list[str], autocast: torch.dtype | None) -> dict[str, Any]:
+    """``run.json``'s description of a LESS run."""
+    info: dict[str, Any] = {
+        "projection": projection, "proj_dim": config.proj_dim,
+        "pool_gradient": sorted(set(grad_types)), "target_gradient": "sgd",
+        "adam": "LESS (no bias correction, eps inside sqrt)" if not config.bias_correction
+        else "AdamW with bias correction",
+        "matching": "LESS matching.py: LR-weighted sum over checkpoints of the mean cosine to the targets "
+                    "of each group, max over groups",
+        "loss": "mean next-token loss over response tokens (assistant content + end-of-turn), batch size 1",
+        "checkpoints": [c.identity() for c in chosen] or None, "checkpoint_weights": weights.tolist(),
+        "groups": groups, "warmup": bool(chosen),
+        "autocast": str(autocast).replace("torch.", "") if autocast else None,
+    }
+    if not chosen:
+        info["note"] = ("plain model without warmup checkpoints: a fresh seeded LoRA was added and plain "
+                        "(SGD) gradients were used for pool and targets (no Adam state to use)")
+    return info
+
+
 @register("less", LESSConfig, uses_model=True,
           summary="LoRA gradient features (Adam-aware, projected), LR-weighted over warmup checkpoints")
 def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) -> BaselineScores:
@@ -260,17 +301,8 @@ def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) 
     base_cfg, rt = inputs.base, inputs.base.runtime
     device = resolve_device(rt.device)
     autocast = gradient_autocast_dtype(rt.dtype, device)
-    found = find_checkpoints(base_cfg.model)
-    chosen = choose_checkpoints(found, base_cfg.checkpoints)
-    if not chosen and not config.allow_no_warmup:
-        raise ValueError(f"LESS needs warmup checkpoints: {base_cfg.model!r} has none. Give --model a warmup "
-                         "folder (trim-select warmup --pool POOL --out WARM), or allow the fresh-LoRA SGD "
-                         "variant explicitly (--less-allow-no-warmup; not the paper's LESS)")
-    weights = checkpoint_weights(chosen) if chosen else np.ones(1)
-    names, groups = target_groups(inputs.targets, config.group_field)
-    n = len(inputs.pool)
-    total = torch.zeros(n, len(groups), dtype=torch.float64)
-    columns: dict[str, np.ndarray | list] = {}
+    chosen, weights = less_checkpoints(inputs, config)
+    match = CheckpointMatching(len(inputs.pool), inputs.targets, config.group_field, len(chosen) > 1)
     pool_seqs = target_seqs = None
     identities, grad_types = [], []
     projection = None
@@ -291,58 +323,22 @@ def score_less(inputs: BaselineInputs, config: LESSConfig, cost: SelectionCost) 
         projector = Projector(n_params, config.proj_dim, config.projection, seed=base_cfg.seed, device=device)
         projection = projector.kind
         feat = GradientFeaturizer(model, projector, device, autocast, cost, config.grad_batch)
-
-        transform, grad_type = None, "sgd"
-        if ckpt is not None and config.pool_gradient == "adam" and ckpt.optimizer_path.exists():
-            m, v = (t.to(device) for t in _moments(ckpt, feat.names, feat.params))
-            step = optimizer_step(ckpt.path) + 1 if config.bias_correction else None
-            kw = {"beta1": config.adam_beta1, "beta2": config.adam_beta2, "eps": config.adam_eps,
-                  "step": step}
-
-            def transform(g: torch.Tensor, m: torch.Tensor = m, v: torch.Tensor = v,
-                          kw: dict = kw) -> torch.Tensor:
-                return adam_direction(g, m, v, **kw)
-
-            grad_type = "adam"
+        transform, grad_type = pool_transform(ckpt, config, feat, device)
         grad_types.append(grad_type)
-        ident |= {"lora_parameters": n_params, "pool_gradient": grad_type}
-        identities.append(ident)
+        identities.append(ident | {"lora_parameters": n_params, "pool_gradient": grad_type})
 
         t0 = time.perf_counter()
         label = ckpt.path.name if ckpt is not None else "fresh-lora"
         tgt = feat.features(target_seqs)
-        means = group_means(tgt, groups)
-        bar = tqdm(total=n, desc=f"LESS grads {label}", unit="ex", disable=not inputs.progress,
+        bar = tqdm(total=len(inputs.pool), desc=f"LESS grads {label}", unit="ex", disable=not inputs.progress,
                    dynamic_ncols=True)
         pool_feat = feat.features(pool_seqs, transform, bar)
         bar.close()
-        per_group = (pool_feat @ means.T).double()
-        total += float(w) * per_group
-        if len(chosen) > 1:
-            columns[f"score_step_{ckpt.step}"] = per_group.max(1).values.numpy()
+        match.add(pool_feat, tgt, w, ckpt.step if ckpt is not None else None)
         cost.timed("gradients", t0)
         del model, feat, pool_feat
-    score = total.max(1).values.numpy()
-    columns["n_tokens"] = np.array([len(s) for s in pool_seqs], dtype=np.int64)
-    columns["n_loss_tokens"] = np.array([int(s.scope_mask[1:].sum()) for s in pool_seqs], dtype=np.int64)
-    columns["n_truncated"] = np.array([s.n_truncated for s in pool_seqs], dtype=np.int64)
-    if len(groups) > 1:
-        columns["best_group"] = [names[i] for i in total.argmax(1).tolist()]
-    info: dict[str, Any] = {
-        "projection": projection, "proj_dim": config.proj_dim,
-        "pool_gradient": sorted(set(grad_types)), "target_gradient": "sgd",
-        "adam": "LESS (no bias correction, eps inside sqrt)" if not config.bias_correction
-        else "AdamW with bias correction",
-        "matching": "LESS matching.py: LR-weighted sum over checkpoints of the mean cosine to the targets "
-                    "of each group, max over groups",
-        "loss": "mean next-token loss over response tokens (assistant content + end-of-turn), batch size 1",
-        "checkpoints": [c.identity() for c in chosen] or None, "checkpoint_weights": weights.tolist(),
-        "groups": names, "warmup": bool(chosen),
-        "autocast": str(autocast).replace("torch.", "") if autocast else None,
-    }
-    if not chosen:
-        info["note"] = ("plain model without warmup checkpoints: a fresh seeded LoRA was added and plain "
-                        "(SGD) gradients were used for pool and targets (no Adam state to use)")
-    return BaselineScores(score=score, columns=columns, info=info,
+    n_loss = np.array([int(s.scope_mask[1:].sum()) for s in pool_seqs], dtype=np.int64)
+    score, columns = match.finish(pool_seqs, {"n_loss_tokens": n_loss})
+    return BaselineScores(score=score, columns=columns,
+                          info=less_info(config, chosen, weights, match.names, projection, grad_types, autocast),
                           model=identities[0] if len(identities) == 1 else {"checkpoints": identities})
-

@@ -22,9 +22,8 @@ from ..batching import collate, plan_batches, run_with_backoff
 from ..config import documented
 from ..data import Renderer, TokenSequence
 from ..models import LoadedModel, base_model, load_model
-from ..training.checkpoints import checkpoint_weights, choose_checkpoints, find_checkpoints
 from .base import BaselineInputs, BaselineScores, SelectionCost, register
-from .features import group_means, target_groups, unit
+from .features import CheckpointMatching, unit, weighted_checkpoints
 
 
 @dataclass(frozen=True)
@@ -76,14 +75,10 @@ def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) ->
     from tqdm.auto import tqdm
 
     base_cfg, rt = inputs.base, inputs.base.runtime
-    found = find_checkpoints(base_cfg.model)
-    chosen = choose_checkpoints(found, base_cfg.checkpoints)
+    chosen, weights = weighted_checkpoints(base_cfg.model, base_cfg.checkpoints)
     specs = [str(c.path) for c in chosen] or [base_cfg.model]
-    weights = checkpoint_weights(chosen) if chosen else np.ones(1)
-    names, groups = target_groups(inputs.targets, config.group_field)
     n = len(inputs.pool)
-    total = torch.zeros(n, len(groups), dtype=torch.float64)
-    columns: dict[str, np.ndarray | list] = {}
+    match = CheckpointMatching(n, inputs.targets, config.group_field, len(specs) > 1)
     pool_seqs: list[TokenSequence] | None = None
     target_seqs: list[TokenSequence] | None = None
     identities = []
@@ -106,21 +101,14 @@ def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) ->
                    disable=not inputs.progress, dynamic_ncols=True)
         reps = unit(last_token_states(lm, pool_seqs, bar=bar, **kw))
         bar.close()
-        per_group = (reps @ group_means(tgt, groups).T).double()  # [N, G]
-        total += float(w) * per_group
-        if len(specs) > 1:
-            columns[f"score_step_{ckpt.step}"] = per_group.max(1).values.numpy()
+        match.add(reps, tgt, w, ckpt.step if ckpt else None)
         cost.timed("forward", t0)
         del lm
-    score = total.max(1).values.numpy()
-    columns["n_tokens"] = np.array([len(s) for s in pool_seqs], dtype=np.int64)
-    columns["n_truncated"] = np.array([s.n_truncated for s in pool_seqs], dtype=np.int64)
-    if len(groups) > 1:
-        columns["best_group"] = [names[i] for i in total.argmax(1).tolist()]
+    score, columns = match.finish(pool_seqs)
     info = {"representation": "last non-padding token, last layer (after final norm)",
             "matching": "LESS: mean over targets of cosine (per group), LR-weighted over checkpoints",
             "checkpoints": [c.identity() for c in chosen] or None,
-            "checkpoint_weights": weights.tolist(), "groups": names,
+            "checkpoint_weights": weights.tolist(), "groups": match.names,
             "warmup": bool(chosen)}
     if not chosen:
         info["note"] = "plain model (no warmup checkpoints): one model, weight 1"

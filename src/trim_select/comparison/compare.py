@@ -50,7 +50,9 @@ from .rows import model_rows
 from .selections import (
     TRIM_METHODS,
     WARMUP_METHODS,
+    mark_selection_done,
     ranking_of,
+    selection_state,
     shared_warmup,
     training_rows,
     trim_selections,
@@ -82,17 +84,17 @@ def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_di
         raise FileNotFoundError(f"{targets}: a task folder needs val.jsonl (the target set) for selection")
     key = config_hash(runtime, {"method": method, "pool": _identity(pool), "targets": _identity(targets),
                                 "budget": budget, "seed": seed, "model": selection_model})
-    marker = out / "selection.json"
-    if marker.exists() and (out / "coreset.jsonl").exists() and (out / "run.json").exists():
-        if json.loads(marker.read_text()).get("key") == key:
-            return json.loads((out / "run.json").read_text())
+    state = selection_state(out, key, [out / "coreset.jsonl", out / "run.json"])
+    if state == "done":
+        return json.loads((out / "run.json").read_text())
+    if state == "stale":
         prev = json.loads((out / "run.json").read_text())
         check_unchanged({"pool": prev.get("pool"), "targets": prev.get("targets")},
                         {"pool": _identity(pool), "targets": _identity(targets)}, out, overwrite=overwrite)
     report = run_baseline(method, pool, targets, out, budget,
                           config=BaselineConfig(seed=seed, model=selection_model, runtime=runtime),
                           progress=progress, overwrite=True)
-    write_json(marker, {"key": key, "method": method, "seed": seed})
+    mark_selection_done(out, key, method=method, seed=seed)
     return report
 
 

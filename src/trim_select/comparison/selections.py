@@ -39,13 +39,13 @@ from ..evaluation.controls import fill_to_budget, prefix_for_tokens
 from ..evaluation.tasks import Task
 from ..io import file_identity, write_json
 from ..locking import folder_lock
-from ..pipeline import PipelineConfig
+from ..pipeline import PipelineConfig, run_warmup
 from ..selection import parse_budget, rank
 from ..selector import TrimSelector
-from ..warmup import warmup
 
 TRIM_METHODS: tuple[str, ...] = ("trim", "trim-warmup")
 WARMUP_METHODS: frozenset[str] = frozenset({"trim-warmup", "less"})
+SELECTION_MARKER = "selection.json"  # a selection folder's completion marker: its key
 FILL_COLUMNS: tuple[str, ...] = ("log_importance_weight", "gumbel")  # DSIR's score before the min_words filter
 
 
@@ -57,11 +57,26 @@ def model_identity(spec: str | Path) -> dict[str, Any] | str:
 
 def shared_warmup(pool: str | Path, out_dir: str | Path, model: str, *, pipeline: PipelineConfig | None = None,
                   progress: bool = True, overwrite: bool = False) -> Path:
-    """The warmup of ``trim-select run`` (its fraction, seed and recipe), trained once; returns its folder."""
+    """:func:`~trim_select.pipeline.run_warmup`, the recipe seeded with the pipeline's seed as
+    ``trim-select run`` seeds it, trained once; returns its folder."""
     pipeline = pipeline if pipeline is not None else PipelineConfig()
-    warmup(pool, out_dir, model, pipeline.fraction, pipeline.seed, replace(pipeline.recipe, seed=pipeline.seed),
-           progress=progress, overwrite=overwrite)
+    run_warmup(pool, out_dir, model, replace(pipeline, recipe=replace(pipeline.recipe, seed=pipeline.seed)),
+               progress=progress, overwrite=overwrite)
     return Path(out_dir)
+
+
+def selection_state(out: Path, key: str, outputs: Sequence[Path]) -> str:
+    """``done`` when ``out/selection.json`` (written last) holds ``key`` and every one of ``outputs``
+    exists, ``stale`` when a finished selection there has another key, else ``absent``."""
+    marker = out / SELECTION_MARKER
+    if not (marker.exists() and all(p.exists() for p in outputs)):
+        return "absent"
+    return "done" if json.loads(marker.read_text()).get("key") == key else "stale"
+
+
+def mark_selection_done(out: Path, key: str, **info: Any) -> None:
+    """Write ``out/selection.json``, the completion marker :func:`selection_state` reads."""
+    write_json(out / SELECTION_MARKER, {"key": key, **info})
 
 
 def trim_selections(tasks: Sequence[Task], pool: str | Path, budget: str, out_dir: str | Path, *, model: str | Path,
@@ -75,15 +90,13 @@ def trim_selections(tasks: Sequence[Task], pool: str | Path, budget: str, out_di
     key = config_hash(runtime, {"model": model_identity(model), "pool": file_identity(pool), "budget": budget,
                                 "targets": {n: file_identity(p) for n, p in targets.items()}})
     dirs = {n: out / n for n in targets}
-    marker = out / "selection.json"
-    if (marker.exists() and json.loads(marker.read_text()).get("key") == key
-            and all((d / "coreset.jsonl").exists() for d in dirs.values())):
+    if selection_state(out, key, [d / "coreset.jsonl" for d in dirs.values()]) == "done":
         return dirs
     with folder_lock(out, "select"):
         sel = TrimSelector(str(model), runtime=runtime, progress=progress)
         report = run_many_in_process(sel, pool, out, {n: budget for n in targets}, targets, overwrite=overwrite)
         report.write(out)
-    write_json(marker, {"key": key, "tasks": sorted(targets)})
+    mark_selection_done(out, key, tasks=sorted(targets))
     return dirs
 
 

@@ -215,6 +215,21 @@ def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def adapter_key(param_name: str, adapter: str = "default") -> str:
+    """Parameter name in the model -> name in ``adapter_model.safetensors`` (as peft saves it)."""
+    return param_name.replace(f".{adapter}", "")
+
+
+def checkpoint_state(history: list[dict[str, Any]], since: int, tokens: int, seconds: float, total: int,
+                      key: str) -> dict[str, Any]:
+    """``state.json`` of a checkpoint after ``history[-1]``; lr and loss are means since step ``since``."""
+    seg, rec = history[since:], history[-1]
+    return {"step": rec["step"], "epoch": rec["epoch"], "learning_rate": float(np.mean([h["lr"] for h in seg])),
+            "last_learning_rate": rec["lr"], "loss": float(np.mean([h["loss"] for h in seg])),
+            "tokens": tokens, "seconds": round(seconds, 3), "total_steps": total, "key": key,
+            "history": history}
+
+
 def save_checkpoint(dest: Path, peft_model: Any, optimizer: torch.optim.Optimizer, names: dict[int, str],
                     base: Path, state: dict[str, Any]) -> None:
     """Write one checkpoint folder atomically: adapter, base marker, AdamW moments, ``state.json``."""
@@ -241,6 +256,27 @@ def save_checkpoint(dest: Path, peft_model: Any, optimizer: torch.optim.Optimize
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     atomic_dir(dest, write)
+
+
+def restore_checkpoint(ckpt: Checkpoint, peft_model: Any, optimizer: torch.optim.Optimizer,
+                       params: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Load ``ckpt``'s adapter into ``peft_model`` (checked exactly) and its AdamW moments into
+    ``optimizer`` (``params``: adapter name -> parameter); returns its ``state.json``."""
+    from peft import set_peft_model_state_dict
+
+    weights = load_file(str(ckpt.path / ADAPTER_FILES[0]))
+    set_peft_model_state_dict(peft_model, weights)
+    for name, p in params.items():  # exact: compare what was loaded
+        if not torch.equal(p.detach().cpu(), weights[name].to(p.dtype)):
+            raise RuntimeError(f"checkpoint {ckpt.path}: parameter {name} did not load")
+    moments = load_optimizer_state(ckpt.path)
+    adam_step = optimizer_step(ckpt.path)
+    for name, p in params.items():
+        if name in moments:
+            optimizer.state[p] = {"step": torch.tensor(float(adam_step)),
+                                  "exp_avg": moments[name]["exp_avg"].to(device, p.dtype),
+                                  "exp_avg_sq": moments[name]["exp_avg_sq"].to(device, p.dtype)}
+    return dict(ckpt.state)
 
 
 def write_final(out_dir: Path, last: Checkpoint) -> Path:

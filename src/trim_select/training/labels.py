@@ -4,6 +4,8 @@ the trainer and the LESS baseline (same loss tokens for training and gradient fe
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,6 +16,8 @@ from ..data import Record, Renderer, TokenSequence
 
 if TYPE_CHECKING:
     from .lora import LoraRecipe
+
+log = logging.getLogger(__name__)
 
 
 def training_renderer(tokenizer: Any, recipe: LoraRecipe) -> Renderer:
@@ -38,6 +42,22 @@ def training_sequence(record: Record, renderer: Renderer, *, train_eos: bool = T
     seq = renderer(record)
     return TokenSequence(seq.input_ids, label_mask(seq, train_eos=train_eos), seq.special_mask,
                          seq.n_truncated)
+
+
+def training_data(tokenizer: Any, records: Sequence[Record], recipe: LoraRecipe
+                   ) -> tuple[list[TokenSequence], np.ndarray, np.ndarray]:
+    """(sequences with at least one label token, their label counts, their lengths)."""
+    renderer = training_renderer(tokenizer, recipe)
+    seqs = [training_sequence(r, renderer, train_eos=recipe.train_eos) for r in records]
+    n_labels = np.array([int(s.scope_mask[1:].sum()) for s in seqs], dtype=np.int64)  # token 0 has no context
+    keep = np.flatnonzero(n_labels > 0)
+    if keep.size == 0:
+        raise ValueError("no record has an assistant (response) token to train on")
+    if keep.size < len(seqs):
+        log.warning("%d of %d records have no response token and are skipped",
+                    len(seqs) - keep.size, len(seqs))
+    seqs = [seqs[i] for i in keep]
+    return seqs, n_labels[keep], np.array([len(s) for s in seqs], dtype=np.int64)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

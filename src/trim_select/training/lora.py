@@ -38,13 +38,14 @@ from ..models import LoadedModel, load_trainable_base, pad_id, resolve_device, r
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     Checkpoint,
+    adapter_key,
+    checkpoint_state,
     list_checkpoints,
-    load_optimizer_state,
-    optimizer_step,
+    restore_checkpoint,
     save_checkpoint,
     write_final,
 )
-from .labels import epoch_order, label_loss_sum, training_renderer, training_sequence
+from .labels import epoch_order, label_loss_sum, training_data, training_renderer, training_sequence  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,6 @@ def lr_at(step: int, total_steps: int, recipe: LoraRecipe) -> float:
     return recipe.lr * max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
 
-
-def adapter_key(param_name: str, adapter: str = "default") -> str:
-    """Parameter name in the model -> name in ``adapter_model.safetensors`` (as peft saves it)."""
-    return param_name.replace(f".{adapter}", "")
-
-
-
 @dataclass(frozen=True)
 class TrainResult:
     """What :func:`train_lora` produced (also in ``OUT/train.json``)."""
@@ -190,34 +184,11 @@ class TrainResult:
                    base=d["base"], n_examples=int(d["n_examples"]), cached=cached)
 
 
-
 def train_key(records: Sequence[Record], recipe: LoraRecipe, base: Path) -> str:
     h = hashlib.sha256()
     for r in records:  # the messages, not r.raw: callers may build records in memory
         h.update(json.dumps([[m.role, m.content] for m in r.messages]).encode())
     return config_hash(recipe.key_fields(), {"base": str(base), "data": h.hexdigest(), "n": len(records)})
-
-
-
-def _restore(ckpt: Checkpoint, peft_model: Any, optimizer: torch.optim.Optimizer, params: dict[str, Any],
-             device: torch.device) -> dict[str, Any]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(ckpt.path / "adapter_model.safetensors"))
-    set_peft_model_state_dict(peft_model, weights)
-    for name, p in params.items():  # exact: compare what was loaded
-        if not torch.equal(p.detach().cpu(), weights[name].to(p.dtype)):
-            raise RuntimeError(f"checkpoint {ckpt.path}: parameter {name} did not load")
-    moments = load_optimizer_state(ckpt.path)
-    adam_step = optimizer_step(ckpt.path)
-    for name, p in params.items():
-        if name in moments:
-            optimizer.state[p] = {"step": torch.tensor(float(adam_step)),
-                                  "exp_avg": moments[name]["exp_avg"].to(device, p.dtype),
-                                  "exp_avg_sq": moments[name]["exp_avg_sq"].to(device, p.dtype)}
-    return dict(ckpt.state)
-
 
 
 @dataclass
@@ -240,26 +211,18 @@ class _Session:
         return {id(p): name for name, p in self.params.items()}
 
 
-def training_data(tokenizer: Any, records: Sequence[Record], recipe: LoraRecipe
-                   ) -> tuple[list[TokenSequence], np.ndarray, np.ndarray]:
-    """(sequences with at least one label token, their label counts, their lengths)."""
-    renderer = training_renderer(tokenizer, recipe)
-    seqs = [training_sequence(r, renderer, train_eos=recipe.train_eos) for r in records]
-    n_labels = np.array([int(s.scope_mask[1:].sum()) for s in seqs], dtype=np.int64)  # token 0 has no context
-    keep = np.flatnonzero(n_labels > 0)
-    if keep.size == 0:
-        raise ValueError("no record has an assistant (response) token to train on")
-    if keep.size < len(seqs):
-        log.warning("%d of %d records have no response token and are skipped",
-                    len(seqs) - keep.size, len(seqs))
-    seqs = [seqs[i] for i in keep]
-    return seqs, n_labels[keep], np.array([len(s) for s in seqs], dtype=np.int64)
+def lora_config(recipe: LoraRecipe) -> Any:
+    """peft's ``LoraConfig`` of ``recipe`` (rank, alpha, dropout, target modules; no bias)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 def _setup(model: str | os.PathLike | LoadedModel, records: Sequence[Record], recipe: LoraRecipe,
            trust_remote_code: bool) -> _Session:
     """Load the base, render the data, add the seeded LoRA and build AdamW."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     device = resolve_device(recipe.device)
     amp_dtype = resolve_train_dtype(recipe.dtype, device)
@@ -269,8 +232,7 @@ def _setup(model: str | os.PathLike | LoadedModel, records: Sequence[Record], re
     if recipe.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.enable_input_require_grads()
-    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM")
+    lora = lora_config(recipe)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(recipe.seed)  # LoRA A init (B starts at zero)
@@ -334,18 +296,76 @@ def reuse_or_reset(out: Path, key: str, overwrite: bool) -> TrainResult | None:
     return None
 
 
-def checkpoint_state(history: list[dict[str, Any]], since: int, tokens: int, seconds: float, total: int,
-                      key: str) -> dict[str, Any]:
-    """``state.json`` of a checkpoint after ``history[-1]``; lr and loss are means since step ``since``."""
-    seg, rec = history[since:], history[-1]
-    return {"step": rec["step"], "epoch": rec["epoch"], "learning_rate": float(np.mean([h["lr"] for h in seg])),
-            "last_learning_rate": rec["lr"], "loss": float(np.mean([h["loss"] for h in seg])),
-            "tokens": tokens, "seconds": round(seconds, 3), "total_steps": total, "key": key,
-            "history": history}
+def run_base(model: str | os.PathLike | LoadedModel) -> Path:
+    """The resolved base-model folder a run of ``model`` trains on (part of its settings key)."""
+    return (Path(model.path) if isinstance(model, LoadedModel) else resolve_model_path(model)).resolve()
 
 
-# Over ~60 lines on purpose (scripts/check_layout.py ALLOWED): the resumable step loop reads top to
-# bottom against HF Trainer.
+def open_run(out: Path, key: str, overwrite: bool, manifest: dict[str, Any]) -> TrainResult | None:
+    """The finished run with ``key`` in ``out`` (nothing to train), or None once ``out`` is ready
+    for a new or resumed run and ``train_manifest.json`` (``key`` then ``manifest``) is written."""
+    cached = reuse_or_reset(out, key, overwrite)
+    if cached is not None:
+        return cached
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train_manifest.json", {"key": key, **manifest})
+    return None
+
+
+def finish_run(out: Path, final: Path, key: str, history: list[dict[str, Any]], seconds: float, tokens: int,
+               recipe: LoraRecipe, base: Path, n_examples: int, extra: dict[str, Any]) -> TrainResult:
+    """The run's :class:`TrainResult`, written to ``train.json`` (the completion marker) with ``extra``."""
+    result = TrainResult(out_dir=out, final=final, checkpoints=tuple(list_checkpoints(out)),
+                         history=tuple(history), seconds=seconds, tokens=tokens,
+                         label_tokens=int(sum(h["label_tokens"] for h in history)), recipe=recipe,
+                         base=str(base), n_examples=n_examples)
+    write_json(out / "train.json", {"key": key, **result.to_dict(), **extra})
+    return result
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: optimizer steps done, tokens and training seconds so far, the history."""
+
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _resume(out: Path, s: _Session, total: int) -> _Progress:
+    """The progress of the last checkpoint in ``out`` restored into ``s``, or a fresh start."""
+    ckpts = list_checkpoints(out)
+    if not ckpts:
+        return _Progress()
+    state = restore_checkpoint(ckpts[-1], s.peft_model, s.optimizer, s.params, s.device)
+    p = _Progress(int(state["step"]), int(state["tokens"]), float(state["seconds"]), list(state["history"]))
+    log.info("resuming %s from %s (step %d of %d)", out, ckpts[-1].name, p.step, total)
+    return p
+
+
+def _train_steps(s: _Session, recipe: LoraRecipe, out: Path, key: str, p: _Progress, total: int, bar: Any,
+                 on_step: Callable[[int, dict[str, Any]], None] | None) -> None:
+    """Optimizer steps ``p.step .. total``, a checkpoint every ``save_steps`` (or epoch) and at the end."""
+    steps_per_epoch = math.ceil(len(s.seqs) / recipe.batch_size)
+    last_ckpt_step, t_session, seconds_at_start = p.step, time.perf_counter(), p.seconds
+    for step in range(p.step, total):
+        rec = _step(s, recipe, step, total, steps_per_epoch)
+        p.tokens += rec["tokens"]
+        p.seconds = seconds_at_start + time.perf_counter() - t_session
+        p.history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                        tok_s=f"{p.tokens / max(p.seconds, 1e-9):.0f}")
+        bar.update(1)
+        if step + 1 == total or (step + 1) % (recipe.save_steps or steps_per_epoch) == 0:
+            state = checkpoint_state(p.history, last_ckpt_step, p.tokens, p.seconds, total, key)
+            dest = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step + 1:06d}"
+            save_checkpoint(dest, s.peft_model, s.optimizer, s.names, s.base_path, state)
+            last_ckpt_step = step + 1
+        if on_step is not None:
+            on_step(step + 1, rec)
+
+
 def train_lora(
     model: str | os.PathLike | LoadedModel,
     records: Sequence[Record],
@@ -370,49 +390,18 @@ def train_lora(
     out = Path(out_dir)
     if not records:
         raise ValueError("train_lora needs at least one record")
-    base_path = (Path(model.path) if isinstance(model, LoadedModel) else resolve_model_path(model)).resolve()
+    base_path = run_base(model)
     key = train_key(records, recipe, base_path)
-    cached = reuse_or_reset(out, key, overwrite)
+    cached = open_run(out, key, overwrite, {"recipe": to_dict(recipe), "base": str(base_path), "n": len(records)})
     if cached is not None:
         return cached
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train_manifest.json",
-               {"key": key, "recipe": to_dict(recipe), "base": str(base_path), "n": len(records)})
     s = _setup(model, records, recipe, trust_remote_code)
-    steps_per_epoch = math.ceil(len(s.seqs) / recipe.batch_size)
-    total = steps_per_epoch * recipe.epochs
-    history: list[dict[str, Any]] = []
-    start, tokens, seconds = 0, 0, 0.0
-    ckpts = list_checkpoints(out)
-    if ckpts:
-        state = _restore(ckpts[-1], s.peft_model, s.optimizer, s.params, s.device)
-        start, tokens, seconds = int(state["step"]), int(state["tokens"]), float(state["seconds"])
-        history = list(state["history"])
-        log.info("resuming %s from %s (step %d of %d)", out, ckpts[-1].name, start, total)
+    total = math.ceil(len(s.seqs) / recipe.batch_size) * recipe.epochs
+    p = _resume(out, s, total)
     s.peft_model.train()
-    bar = tqdm(total=total, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    last_ckpt_step, t_session, seconds_at_start = start, time.perf_counter(), seconds
-    for step in range(start, total):
-        rec = _step(s, recipe, step, total, steps_per_epoch)
-        tokens += rec["tokens"]
-        seconds = seconds_at_start + time.perf_counter() - t_session
-        history.append(rec)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                        tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
-        bar.update(1)
-        if step + 1 == total or (step + 1) % (recipe.save_steps or steps_per_epoch) == 0:
-            state = checkpoint_state(history, last_ckpt_step, tokens, seconds, total, key)
-            dest = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step + 1:06d}"
-            save_checkpoint(dest, s.peft_model, s.optimizer, s.names, s.base_path, state)
-            last_ckpt_step = step + 1
-        if on_step is not None:
-            on_step(step + 1, rec)
+    bar = tqdm(total=total, initial=p.step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    _train_steps(s, recipe, out, key, p, total, bar, on_step)
     bar.close()
     final = write_final(out, list_checkpoints(out)[-1])
-    result = TrainResult(out_dir=out, final=final, checkpoints=tuple(list_checkpoints(out)),
-                         history=tuple(history), seconds=seconds, tokens=tokens,
-                         label_tokens=int(sum(h["label_tokens"] for h in history)), recipe=recipe,
-                         base=str(s.base_path), n_examples=len(s.seqs))
-    write_json(out / "train.json", {"key": key, **result.to_dict(), "device": str(s.device),
-                                    "autocast_dtype": str(s.amp_dtype).replace("torch.", "")})
-    return result
+    return finish_run(out, final, key, p.history, p.seconds, p.tokens, recipe, s.base_path, len(s.seqs),
+                      {"device": str(s.device), "autocast_dtype": str(s.amp_dtype).replace("torch.", "")})

@@ -62,11 +62,17 @@ import torch
 
 from ..config import config_hash, to_dict
 from ..data import Record
-from ..io import write_json
-from ..models import LoadedModel, load_trainable_base, resolve_device, resolve_model_path, resolve_train_dtype
-from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, save_checkpoint, write_final
-from .labels import epoch_order
-from .lora import LoraRecipe, TrainResult, adapter_key, checkpoint_state, reuse_or_reset, train_key, training_data
+from ..models import LoadedModel, load_trainable_base, resolve_device, resolve_train_dtype
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    adapter_key,
+    checkpoint_state,
+    list_checkpoints,
+    save_checkpoint,
+    write_final,
+)
+from .labels import epoch_order, training_data
+from .lora import LoraRecipe, TrainResult, finish_run, lora_config, open_run, run_base, train_key
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +284,6 @@ def _session(model: str | os.PathLike | LoadedModel, records: Sequence[Record], 
              on_step: Callable[[int, dict[str, Any]], None] | None) -> tuple[StepRecorder, Path, torch.device]:
     """Train (or resume) in ``out``; returns the recorder, the base folder and the device."""
     from datasets import Dataset
-    from peft import LoraConfig
 
     device = resolve_device(recipe.device)
     net, tokenizer, base_path = load_trainable_base(model, trust_remote_code)
@@ -287,8 +292,7 @@ def _session(model: str | os.PathLike | LoadedModel, records: Sequence[Record], 
     net.config.use_cache = False
     dataset = Dataset.from_dict({"input_ids": [s.input_ids.tolist() for s in seqs],
                                  "completion_mask": [s.scope_mask.astype(np.int64).tolist() for s in seqs]})
-    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM")
+    lora = lora_config(recipe)
     resume, state = resume_point(out)
     rec = StepRecorder(recipe, out, key, base_path, lengths, n_labels, state, on_step)
     trainer = make_trainer(net, tokenizer, dataset, sft_config(recipe, out, len(seqs), device, progress), lora, rec)
@@ -323,26 +327,19 @@ def train_lora_trl(
     out = Path(out_dir)
     if not records:
         raise ValueError("train_lora_trl needs at least one record")
-    base_path = (Path(model.path) if isinstance(model, LoadedModel) else resolve_model_path(model)).resolve()
+    base_path = run_base(model)
     key = trl_key(records, recipe, base_path)
     manifest = out / "train_manifest.json"
     if overwrite and manifest.exists() and json.loads(manifest.read_text()).get("key") != key:
-        shutil.rmtree(out / HF_DIR, ignore_errors=True)  # reuse_or_reset wipes the rest
-    cached = reuse_or_reset(out, key, overwrite)
+        shutil.rmtree(out / HF_DIR, ignore_errors=True)  # open_run wipes the rest
+    cached = open_run(out, key, overwrite, {"recipe": to_dict(recipe), "base": str(base_path),
+                                            "n": len(records), "backend": BACKEND})
     if cached is not None:
         return cached
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train_manifest.json", {"key": key, "recipe": to_dict(recipe), "base": str(base_path),
-                                             "n": len(records), "backend": BACKEND})
     with preserved_global_rng():
         rec, base, device = _session(model, records, out, recipe, key, progress, trust_remote_code, on_step)
     final = write_final(out, list_checkpoints(out)[-1])
     shutil.rmtree(out / HF_DIR, ignore_errors=True)
-    result = TrainResult(out_dir=out, final=final, checkpoints=tuple(list_checkpoints(out)),
-                         history=tuple(rec.history), seconds=rec.seconds, tokens=rec.tokens,
-                         label_tokens=int(sum(h["label_tokens"] for h in rec.history)), recipe=recipe,
-                         base=str(base), n_examples=len(rec.lengths))
-    write_json(out / "train.json", {"key": key, **result.to_dict(), "backend": BACKEND, "device": str(device),
-                                    "autocast_dtype": str(resolve_train_dtype(recipe.dtype, device))
-                                    .replace("torch.", "")})
-    return result
+    return finish_run(out, final, key, rec.history, rec.seconds, rec.tokens, recipe, base, len(rec.lengths),
+                      {"backend": BACKEND, "device": str(device),
+                       "autocast_dtype": str(resolve_train_dtype(recipe.dtype, device)).replace("torch.", "")})
