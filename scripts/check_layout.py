@@ -42,7 +42,6 @@ ALLOWED: dict[str, str] = {
     "reports/load.py::load_pools": "67 lines: moved verbatim from reports.py",
     "reports/stats.py::compute_summary": "63 lines: moved verbatim from reports.py",
     "baselines/dsir.py::score_dsir": "62 lines: one DSIR call sequence (fit, weights, info)",
-    "training/lora.py": "407 lines: recipe (documented Table 7 fields) and trainer kept in one module as issue 12 asks",
 }
 # Imports that the room order allows but the architecture forbids (issue 12): baselines and
 # evaluation use training/, never the warmup pipeline or the scale-out engines.

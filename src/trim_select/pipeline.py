@@ -25,7 +25,7 @@ from .outputs import RunReport
 from .selection import parse_budget
 from .selector import TrimSelector
 from .training.checkpoints import DEFAULT_CHECKPOINTS, Checkpoint, checkpoint_weights, choose_checkpoints
-from .training.lora import LoraRecipe
+from .training.recipe import LoraRecipe
 from .warmup import WarmupResult, warmup
 
 

@@ -28,7 +28,8 @@ from .locking import folder_lock
 from .models import resolve_model_path
 from .selection import parse_budget
 from .training import fine_tune
-from .training.lora import LoraRecipe, TrainResult
+from .training.lora import TrainResult
+from .training.recipe import LoraRecipe
 
 
 @dataclass(frozen=True)

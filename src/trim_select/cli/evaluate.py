@@ -11,7 +11,7 @@ from ..comparison import compare
 from ..config import RuntimeConfig
 from ..evaluation import EvalConfig, evaluate, evaluation_recipe
 from ..evaluation.runner import CPU_RECIPE
-from ..training.lora import LoraRecipe
+from ..training.recipe import LoraRecipe
 from . import app
 from .common import console, friendly_errors
 from .options import Budget, Model, Opt, Overwrite, Pool, Quiet, field_opt, with_options

@@ -16,7 +16,7 @@ import typer
 from typer.models import OptionInfo
 
 from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, field_doc
-from ..training.lora import LoraRecipe
+from ..training.recipe import LoraRecipe
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -9,7 +9,7 @@ import typer
 
 from ..config import WARMUP_FRACTION, RuntimeConfig
 from ..engines.multi import parse_budgets, target_sets
-from ..training.lora import LoraRecipe
+from ..training.recipe import LoraRecipe
 from . import app
 from .common import build_configs, console, friendly_errors
 from .core import BudgetMany, TargetsMany, summarise

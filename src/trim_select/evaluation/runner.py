@@ -55,7 +55,7 @@ def evaluation_recipe(device: str = "auto", **overrides: Any) -> Any:
     autocast where the CPU or GPU supports it. The paper's Table 7 recipe (4 epochs, lr 2e-5,
     batch 64, r=128) is a GPU recipe: pass its values as ``overrides``.
     """
-    from ..training.lora import LoraRecipe
+    from ..training.recipe import LoraRecipe
 
     fields = dict(CPU_RECIPE)
     dev = resolve_device(device)

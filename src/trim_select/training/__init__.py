@@ -3,7 +3,8 @@
 warmup, the evaluation harness and the LESS/RDS baselines."""
 
 from .checkpoints import Checkpoint, checkpoint_weights, choose_checkpoints, find_checkpoints, list_checkpoints
-from .lora import LoraRecipe, TrainResult, train_lora
+from .lora import TrainResult, train_lora
+from .recipe import LoraRecipe
 from .trainer import fine_tune
 
 __all__ = ["Checkpoint", "LoraRecipe", "TrainResult", "checkpoint_weights", "choose_checkpoints",

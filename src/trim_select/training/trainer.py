@@ -15,7 +15,8 @@ from typing import Any
 
 from ..data import Record
 from ..models import LoadedModel
-from .lora import LoraRecipe, TrainResult, train_lora
+from .lora import TrainResult, train_lora
+from .recipe import LoraRecipe
 from .trl_sft import train_lora_trl
 
 
