@@ -21,6 +21,7 @@ import numpy as np
 
 from ..data import ReadStats, Record, read_records
 from ..fingerprints import Fingerprints
+from ..generic import resolve_generic
 from ..host import RenderPool
 from ..interrupts import check_stop
 from ..io import RejectWriter, ScoreWriter, file_identity, part_seconds
@@ -115,6 +116,7 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, out_dir: Path, fps: Map
     """Stage II for every target in one pass; returns ``{name: table}`` and the pool's read counts."""
     t0 = time.perf_counter()
     rt, sc = sel.runtime, sel.score_config
+    resolve_generic(sel, pool, out_dir, format=format, skip_invalid=skip_invalid)  # one set for every target
     writers = {}
     for name, fp in fps.items():
         sel.fingerprints = fp
@@ -124,7 +126,7 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, out_dir: Path, fps: Map
     scorer = Scorer(sel.lm.model, dict(fps), penalty=sc.penalty, mean_weight=sc.mean_weight,
                     max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
                     batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile,
-                    mask_free=rt.mask_free)
+                    mask_free=rt.mask_free, hidden_layer=sel.fingerprint_config.hidden_layer, generic=sel.generic)
     stats = ReadStats()
     rejects = [RejectWriter(out_dir / name / "rejected.jsonl") for name in fps]
     records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, track_ids=False,
