@@ -204,9 +204,9 @@ def test_product_options_give_the_ablation_benchmarks_variant_scores(tiny, files
                else {"fingerprint": FingerprintConfig(hidden_layer=2)})
     _, table, _ = run_select(tiny, files, tmp_path / "out", **configs)
     ref = ablation_scores(tiny, files, tmp_path / "cache", variant)
-    np.testing.assert_allclose(table.column("score").to_numpy(), ref, atol=2e-3)  # the benchmark keeps float16
+    np.testing.assert_allclose(table.column("score").to_numpy(), ref, atol=5e-4)  # the benchmark keeps float16
     plain = ablation_scores(tiny, files, tmp_path / "cache", Variant("content"))
-    assert np.abs(ref - plain).max() > 2e-2  # the variant is not today's default under another name
+    assert np.abs(ref - plain).max() > 5e-3  # the variant is not today's default under another name (~0.007+)
 
 
 # -- cache keys --------------------------------------------------------------------------------------
