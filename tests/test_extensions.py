@@ -272,3 +272,41 @@ def test_exact_spec_flag_on_the_cli(tiny_dir, files, tmp_path):
     assert report["config"]["render"]["score_template"] is True
     res = CliRunner().invoke(app, [str(a) for a in [*args, "--out", tmp_path / "b", "--exact-spec", "--idf"]])
     assert res.exit_code == 2 and "--exact-spec reproduces the paper" in res.output
+
+
+# -- engines ---------------------------------------------------------------------------------------------
+
+
+def test_local_workers_and_shards_give_the_in_process_result_with_both_extensions(tiny_dir, files, tmp_path):
+    pool, targets = files
+    common = ["--device", "cpu", "--dtype", "float32", "--chunk-size", "3", "--quiet", "--model", tiny_dir]
+    ext = ["--generic-rows", "3", "--generic-seed", "1"]
+
+    def cli(*args):
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+
+    ref = tmp_path / "ref"
+    cli("select", "--pool", pool, "--targets", targets, "--budget", "4", "--out", ref, "--hidden-layer", "2",
+        *ext, *common)
+    fp = ref / "fingerprints.safetensors"
+    want = pq.read_table(ref / "scores.parquet")
+    assert json.loads((ref / "run.json").read_text())["config"]["scoring"]["generic_rows"] == 3
+    local = tmp_path / "local"
+    cli("score", "--pool", pool, "--fingerprints", fp, "--budget", "4", "--out", local, "--workers", "2", *ext,
+        *common)
+    shards = tmp_path / "shards"
+    for i in range(2):
+        cli("score", "--pool", pool, "--fingerprints", fp, "--budget", "4", "--out", shards, "--shard", f"{i}/2",
+            *ext, *common)
+    cli("merge", shards)
+    for out in (local, shards):
+        got = pq.read_table(out / "scores.parquet")
+        for col in ("index", "score", "target_score", "generic_score", "selected"):
+            assert got.column(col).equals(want.column(col)), (out.name, col)
+        report = json.loads((out / "run.json").read_text())
+        assert report["generic"]["ids"] == json.loads((ref / "run.json").read_text())["generic"]["ids"]
+        assert report["fingerprints"]["hidden_layer"] == 2
+    res = CliRunner().invoke(app, [str(a) for a in ["score", "--pool", pool, "--fingerprints", fp, "--out",
+                                                     tmp_path / "ray", "--engine", "ray", *ext, *common]])
+    assert res.exit_code == 2 and "not on --engine ray" in res.output
