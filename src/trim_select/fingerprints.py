@@ -125,6 +125,7 @@ def token_saliency(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of a collated batch: ``(alpha [B,T], hidden state [B,T,d])``, the last hidden
     state or ``hidden_states[hidden_layer]``."""
+    check_hidden_layer(model.config, hidden_layer)
     rec = SaliencyRecorder(model, layers)
     base = base_model(model)
     with rec.capture(batch["attention_mask"]):
@@ -149,19 +150,15 @@ def build_fingerprints(
     pad_id: int | None = None,
     hidden_layer: int | None = None,
 ) -> Fingerprints:
-    """Stage I: build the fingerprint dictionary from target sequences (Eq. 1-9).
-
-    ``targets`` are mappings with ``input_ids`` and optional ``scope_mask``/``special_mask``.
-    Results do not depend on batching or padding. ``hidden_layer`` N fingerprints the states of
-    ``hidden_states[N]`` instead of the last (extension; recorded in ``meta["hidden_layer"]``).
-    """
+    """Stage I: the fingerprint dictionary of target sequences (Eq. 1-9), independent of batching and
+    padding. ``targets``: mappings with ``input_ids``, optional ``scope_mask``/``special_mask``;
+    ``hidden_layer`` N: the states of ``hidden_states[N]`` (extension; ``meta["hidden_layer"]``)."""
     seqs = [as_sequence(t) for t in targets]
     if not seqs:
         raise NoFingerprintError("the target set is empty")
     device = next(model.parameters()).device
     pad = pad_id if pad_id is not None else model_pad_id(model)
     n_layers = min(layers, int(model.config.num_hidden_layers))
-    check_hidden_layer(model.config, hidden_layer)
     ids_all, w_all, h_all = [], [], []
 
     def run(idx: np.ndarray):

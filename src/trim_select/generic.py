@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import config_hash
+from .config import ScoreConfig, config_hash
 from .data import Record, read_records
 from .fingerprints import Fingerprints, build_fingerprints
 from .io import file_identity
@@ -84,3 +84,26 @@ def resolve_generic(sel: TrimSelector, pool: str | Path, out_dir: str | Path, *,
 def generic_info(rows: int, seed: int, recs: list[Record]) -> dict[str, Any]:
     """What ``run.json`` records of the generic set: its size, seed, and rows (pool index and id)."""
     return {"rows": rows, "seed": seed, "indices": [r.index for r in recs], "ids": [r.id for r in recs]}
+
+
+def prepare_extensions(sel: TrimSelector, pool: str | Path, out_dir: str | Path, engine: str, *,
+                       format: str | None = None, skip_invalid: bool = False) -> None:
+    """Driver side of a scale-out run: the generic set resolved once, before any worker starts; the
+    Ray engine, whose actors build their scorers from arrays, is refused for either extension."""
+    if engine == "ray" and (sel.score_config.generic_rows or sel.fingerprint_config.hidden_layer is not None):
+        raise ValueError("--generic-rows and --hidden-layer run on the in-process and local engines for now, "
+                         "not on --engine ray")
+    resolve_generic(sel, pool, out_dir, format=format, skip_invalid=skip_invalid)
+
+
+def generic_section(out_dir: str | Path, scoring: ScoreConfig) -> dict[str, Any]:
+    """``{"generic": ...}`` for ``run.json`` from ``out_dir``'s generic set (merge needs no model); ``{}`` when off."""
+    path = Path(out_dir) / GENERIC_FILE
+    if not scoring.generic_rows or not path.exists():
+        return {}
+    return generic_summary(Fingerprints.load(path))
+
+
+def generic_summary(fp: Fingerprints) -> dict[str, Any]:
+    """``run.json``'s ``generic`` section of a generic set: size, seed, rows (pool indices, ids), classes."""
+    return {"generic": {**fp.meta.get("generic", {}), "classes": len(fp)}}

@@ -37,7 +37,7 @@ from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig,
 from .data import Message, ReadStats, Record, Renderer, TokenSequence, as_sequence, read_records
 from .engines.base import column_sum, render_all, run_in_process, score_chunk
 from .fingerprints import Fingerprints, build_fingerprints
-from .generic import resolve_generic
+from .generic import generic_summary, resolve_generic
 from .interrupts import check_stop
 from .io import RejectWriter, ScoreWriter, file_identity
 from .locking import folder_lock
@@ -338,7 +338,7 @@ class TrimSelector:
         """run.json's ``generic`` section (the generic rows' indices and ids), when the correction is on."""
         if not self.score_config.generic_rows or self.generic is None:
             return {}
-        return {"generic": {**self.generic.meta.get("generic", {}), "classes": len(self.generic)}}
+        return generic_summary(self.generic)
 
 
 def _finish_chunk(writer: ScoreWriter, scorer: Scorer, k: int, chunk: list[Record], fut: Any, bar: Any,

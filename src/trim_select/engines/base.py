@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from ..data import ReadStats, Record, Renderer, read_records
 from ..fingerprints import Fingerprints
-from ..generic import GENERIC_FILE, resolve_generic
+from ..generic import generic_section, prepare_extensions
 from ..io import (
     SCORE_COLUMNS,
     InputChangedError,
@@ -159,7 +159,6 @@ def part_path(out_dir: str | Path, chunk: int) -> Path:
     return Path(out_dir) / "parts" / f"part-{chunk:06d}.parquet"
 
 
-
 # --------------------------------------------------------------------------------------------
 # Steps every engine shares
 # --------------------------------------------------------------------------------------------
@@ -244,10 +243,7 @@ def prepare(sel: TrimSelector, pool: str | Path, out_dir: str | Path, *, targets
     out_dir.mkdir(parents=True, exist_ok=True)
     resolve_fingerprints(sel, out_dir, targets=targets, fingerprints=fingerprints, target_format=target_format,
                          overwrite=overwrite)
-    if engine == "ray" and (sel.score_config.generic_rows or sel.fingerprint_config.hidden_layer is not None):
-        raise ValueError("--generic-rows and --hidden-layer run on the in-process and local engines for now, "
-                         "not on --engine ray")
-    resolve_generic(sel, pool, out_dir, format=format, skip_invalid=skip_invalid)  # once, before the workers
+    prepare_extensions(sel, pool, out_dir, engine, format=format, skip_invalid=skip_invalid)  # before the workers
     key = sel.scores_key(pool, format=format, skip_invalid=skip_invalid)
     if chunking == "rows" and skip_invalid:  # rows and records chunks differ: never mix them
         key = config_hash(key, "rows")
@@ -381,17 +377,13 @@ def merge_report(out_dir: str | Path, budget: str | int | float | None = None, *
     table, chosen = write_selection(pool, out_dir, table, budget, format=plan.format,
                                     digest=scored.get("xxh3_128"))
     timings["selection"] = round(timings.get("selection", 0.0) + time.perf_counter() - t1, 3)
-    render, fpc, scoring, runtime = plan.configs()
-    generic_path = out_dir / GENERIC_FILE  # the generic rows, recorded as the in-process run does
-    generic = ({"generic": Fingerprints.load(generic_path).meta.get("generic")}
-               if scoring.generic_rows and generic_path.exists() else {})
+    configs = plan.configs()
     report = select_report(
         pool=pool, budget=budget, table=table, chosen=chosen, stats={"pool": pool_stats},
-        config={"render": to_dict(render), "fingerprint": to_dict(fpc), "scoring": to_dict(scoring),
-                "runtime": to_dict(runtime)},
+        config={k: to_dict(c) for k, c in zip(("render", "fingerprint", "scoring", "runtime"), configs, strict=True)},
         model=plan.model, fingerprints={"classes": len(fp) or None, **fp.meta}, timings=timings,
         extra={"distributed": {"engine": plan.engine, "chunks": plan.expected_chunks(stats),
-                               "shards": plan.shards, **(extra or {})}, **generic},
+                               "shards": plan.shards, **(extra or {})}, **generic_section(out_dir, configs[2])},
         scored_pool=plan.pool_identity)
     report.timings["total"] = round(sum(v for k, v in report.timings.items() if k != "total"), 3)
     return report
