@@ -246,11 +246,13 @@ class TrimSelector:
     def make_scorer(self, idf: np.ndarray | None = None) -> Scorer:
         """The Stage II scorer for the fitted fingerprints, with this selector's score/runtime configs."""
         rt, sc = self.runtime, self.score_config
+        if sc.generic_rows and self.generic is None:
+            raise RuntimeError("generic_rows is set but no generic fingerprints are resolved (score_pool does it)")
         return Scorer(self.lm.model, self.fingerprints, penalty=sc.penalty, mean_weight=sc.mean_weight,
                       max_weight=sc.max_weight, coverage_weight=sc.coverage_weight, idf=idf,
                       batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size, compile=rt.compile,
                       mask_free=rt.mask_free, hidden_layer=self.fingerprint_config.hidden_layer,
-                      generic=self.generic if sc.generic_rows else None)
+                      generic=self.generic if sc.generic_rows else None)  # None: the correction is off
 
     def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
         """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""
