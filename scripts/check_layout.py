@@ -20,8 +20,8 @@ MAX_FILE, MAX_FUNC = 400, 60
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("ground", ("config", "io", "locking", "interrupts", "data", "host", "batching", "selection", "progress",
                 "testing")),
-    ("models", ("models",)),
-    ("method", ("saliency", "fingerprints", "scoring")),
+    ("models", ("models", "layers")),
+    ("method", ("saliency", "fingerprints", "scoring", "generic")),
     ("outputs", ("outputs",)),
     ("training", ("training",)),
     ("engine-steps", ("engines.base", "engines")),

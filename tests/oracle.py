@@ -19,8 +19,8 @@ def float64_eager(model):
     return m.eval()
 
 
-def saliency(model64, ids, special, layers, wq=0.5, wk=0.5):
-    """alpha_i and h_i (float64) for one unpadded sequence."""
+def saliency(model64, ids, special, layers, wq=0.5, wk=0.5, hidden_layer=-1):
+    """alpha_i and h_i (float64) for one unpadded sequence; h from ``hidden_states[hidden_layer]``."""
     with torch.no_grad():
         out = model64(input_ids=torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
     attns = out.attentions[-layers:]
@@ -48,14 +48,14 @@ def saliency(model64, ids, special, layers, wq=0.5, wk=0.5):
     norm = [K[j] for j in range(T) if not special[j]]
     lo, hi = min(norm), max(norm)
     alpha = [wq * Q[i] + wk * (K[i] - lo) / (hi - lo + 1e-8) for i in range(T)]
-    hidden = out.hidden_states[-1][0].numpy()
+    hidden = out.hidden_states[hidden_layer][0].numpy()
     return alpha, hidden
 
 
-def fingerprints(model64, seqs, layers):
+def fingerprints(model64, seqs, layers, hidden_layer=-1):
     sums = {}
     for ids, scope, special in seqs:
-        alpha, hidden = saliency(model64, ids, special, layers)
+        alpha, hidden = saliency(model64, ids, special, layers, hidden_layer=hidden_layer)
         for i, t in enumerate(ids):
             if scope[i] and not special[i]:
                 h = hidden[i] / np.linalg.norm(hidden[i])
@@ -68,13 +68,14 @@ def fingerprints(model64, seqs, layers):
     return fp
 
 
-def scores(model64, seqs, fp, penalty=1.0, wmu=0.5, wm=0.5, eta=0.05):
+def scores(model64, seqs, fp, penalty=1.0, wmu=0.5, wm=0.5, eta=0.05, hidden_layer=-1):
     emb = model64.get_input_embeddings().weight.detach().numpy()
     keys = sorted(fp)
     out = []
     for ids, scope, special in seqs:
         with torch.no_grad():
-            hidden = model64(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
+            fwd = model64(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            hidden = fwd.hidden_states[hidden_layer][0].numpy()
         s = []
         for j, t in enumerate(ids):
             if not scope[j] or special[j]:

@@ -5,6 +5,7 @@ import gzip
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from samples import MATH_ROWS, MC_ROWS
 
@@ -146,3 +147,32 @@ def test_paired_uses_only_the_seeds_every_method_finished():
     (pair,) = out["pairs"]["answer_nll"]
     assert (pair["a"], pair["b"]) == ("a", "b") and pair["mean_diff"] == pytest.approx(-0.5)
     assert pair["excludes_zero"] and "correct" not in out["pairs"]
+
+
+def test_trim_variants_get_one_pool_pass_each_and_paired_rows_against_trim(tmp_path, setup):
+    dirs, pool, kw = setup
+    out = tmp_path / "cmp"
+    methods = ["trim", "trim-generic", "trim-layer-2"]
+    summary = compare(dirs, pool, "4", methods, out, **{**kw, "seeds": 1})
+    assert summary["complete"] and summary["labels"] == methods
+    for method in methods[1:]:
+        top = json.loads((out / "select" / method / "run.json").read_text())
+        assert sorted(top["targets"]) == ["arith", "quiz"] and top["cost"]["pool_passes"] == 1
+    quiz = out / "select" / "trim-generic" / "quiz"
+    generic = json.loads((quiz / "run.json").read_text())["generic"]
+    assert generic["rows"] == 10 and len(generic["ids"]) == 10
+    table = pq.read_table(quiz / "scores.parquet")
+    np.testing.assert_allclose(table.column("score").to_numpy(),
+                               table.column("target_score").to_numpy() - table.column("generic_score").to_numpy())
+    layer = json.loads((out / "select" / "trim-layer-2" / "arith" / "run.json").read_text())
+    assert layer["config"]["fingerprint"]["hidden_layer"] == 2 and layer["fingerprints"]["hidden_layer"] == 2
+    for task in summary["tasks"].values():
+        pairs = {frozenset((p["a"], p["b"])) for p in task["paired"]["pairs"]["answer_nll"]}
+        assert {frozenset(("trim", m)) for m in methods[1:]} <= pairs
+
+
+@pytest.mark.parametrize("bad", ["trim-layer-N", "trim-layer-x", "trim-generic-layer-2"])
+def test_compare_refuses_a_trim_variant_it_cannot_parse(tmp_path, setup, bad):
+    dirs, pool, kw = setup
+    with pytest.raises(ValueError, match="unknown methods"):
+        compare(dirs, pool, "4", ["trim", bad], tmp_path / "cmp", **kw)

@@ -19,10 +19,13 @@ SCOPES: tuple[str, ...] = ("all", "prompt", "response")
 WARMUP_FRACTION = 0.05  # gamma: share of the pool the warmup trains on (SPEC "Warmup"; Table 7)
 
 
-def documented(default: Any, doc: str) -> Any:
+def documented(default: Any, doc: str, *, extension: bool = False) -> Any:
     """A dataclass field with its default and its documentation, both written once: the CLI builds
-    each option's ``--help`` from ``doc`` (``cli/options.py``)."""
-    return dataclasses.field(default=default, metadata={"doc": doc})
+    each option's ``--help`` from ``doc`` (``cli/options.py``). ``extension=True`` marks an option
+    that is not in the paper and is off at ``default`` (docs/SPEC.md "Extensions"): :func:`config_hash`
+    leaves it out while it is off, so results computed before it existed keep their keys (the
+    computation with the extension off is the one they did)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "extension": extension})
 
 
 def field_doc(cls: type, name: str) -> str:
@@ -66,10 +69,18 @@ class FingerprintConfig:
     layers: int = documented(6, "L: attention of the last L layers (Eq. 3, 5); all if the model has fewer.")
     row_weight: float = documented(0.5, "w_Q (Eq. 7).")
     col_weight: float = documented(0.5, "w_K (Eq. 7).")
+    # Extension (docs/SPEC.md "Extensions"): the states of an intermediate layer instead of the last.
+    hidden_layer: int | None = documented(
+        None, "Extension: the hidden layer that fingerprints (Stage I) and pool states (Stage II) come from: N "
+              "is the output of decoder layer N (hidden_states[N], 1 <= N < the model's layers); default: the "
+              "last hidden state after the final norm, as in the paper.", extension=True)
 
     def __post_init__(self) -> None:
         if self.layers < 1:
             raise ValueError(f"layers must be >= 1, got {self.layers}")
+        if self.hidden_layer is not None and self.hidden_layer < 1:
+            raise ValueError(f"hidden_layer must be >= 1 (the output of decoder layer N) or unset, got "
+                             f"{self.hidden_layer}")
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,19 @@ class ScoreConfig:
     max_weight: float = documented(0.5, "w_m (Eq. 15).")
     coverage_weight: float = documented(0.05, "eta (Eq. 15).")
     idf: bool = documented(False, "Extension: IDF-weighted mean term (off in the paper).")
+    # Extension (docs/SPEC.md "Extensions"): subtract a target-independent ("hub") component.
+    generic_rows: int = documented(
+        0, "Extension: N > 0 builds fingerprints of a generic target set of N seeded random pool rows and "
+           "scores each row by its score against the targets minus its score against the generic set; "
+           "0: off (the paper).", extension=True)
+    generic_seed: int = documented(0, "Extension: seed of the generic rows' draw (with --generic-rows).",
+                                   extension=True)
 
     def __post_init__(self) -> None:
         if self.penalty is not None and not 0.0 < self.penalty <= 1.0:
             raise ValueError(f"penalty must be in (0, 1] or None, got {self.penalty}")
+        if self.generic_rows < 0:
+            raise ValueError(f"generic_rows must be >= 0, got {self.generic_rows}")
 
 
 @dataclass(frozen=True)
@@ -119,9 +139,36 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def key_dict(obj: Any) -> dict[str, Any]:
+    """The fields of a config dataclass that enter a cache key: all of them, except extensions
+    (:func:`documented`) while they are at their off default."""
+    out = to_dict(obj)
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("extension") and out[f.name] == f.default:
+            del out[f.name]
+    return out
+
+
 def config_hash(*objs: Any) -> str:
     """Stable short hash of configs (used to refuse resuming with different settings)."""
     import hashlib
 
-    payload = json.dumps([to_dict(o) if dataclasses.is_dataclass(o) else o for o in objs], sort_keys=True)
+    payload = json.dumps([key_dict(o) if dataclasses.is_dataclass(o) else o for o in objs], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+EXACT_SPEC_DOC = ("Reproduce the paper exactly: chat-template scaffolding scored (--score-template), no "
+                  "extension (--idf, --hidden-layer, --generic-rows refused).")
+
+
+def exact_spec(render: RenderConfig, fingerprint: FingerprintConfig, scoring: ScoreConfig
+               ) -> tuple[RenderConfig, FingerprintConfig, ScoreConfig]:
+    """The configs of the paper's method (docs/SPEC.md; ``--exact-spec``): template tokens scored and
+    every extension off; an extension that was switched on is refused, never silently dropped."""
+    on = [f"{type(c).__name__}.{f.name}={getattr(c, f.name)!r}" for c in (fingerprint, scoring)
+          for f in dataclasses.fields(c) if f.metadata.get("extension") and getattr(c, f.name) != f.default]
+    if scoring.idf:
+        on.append("ScoreConfig.idf=True")
+    if on:
+        raise ValueError(f"--exact-spec reproduces the paper, which has no extensions: switch off {', '.join(on)}")
+    return dataclasses.replace(render, score_template=True), fingerprint, scoring

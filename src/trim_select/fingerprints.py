@@ -5,7 +5,7 @@ For every token class ``t`` seen in scope in the target set::
     f_t = sum_{(v,i) in O_t} alpha_{v,i} h^_{v,i} / || sum alpha h^ ||      (Eq. 9)
 
 with ``alpha`` from Eq. 7 (:mod:`trim_select.saliency`) and ``h^`` the unit-normalised last hidden
-state (after the final norm).
+state (after the final norm), or that of ``hidden_layer`` N (docs/SPEC.md "Extensions", :mod:`.layers`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from .batching import collate, plan_batches, run_with_backoff
 from .data import TokenSequence, as_sequence
+from .layers import check_hidden_layer, select_hidden
 from .models import base_model, embedding_matrix, model_pad_id
 from .saliency import SaliencyRecorder, combine_saliency
 
@@ -119,17 +120,21 @@ def token_saliency(
     layers: int = 6,
     row_weight: float = 0.5,
     col_weight: float = 0.5,
+    *,
+    hidden_layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass of a collated batch: ``(alpha [B,T], last hidden state [B,T,d])``."""
+    """One forward pass of a collated batch: ``(alpha [B,T], hidden state [B,T,d])``, the last hidden
+    state or ``hidden_states[hidden_layer]``."""
+    check_hidden_layer(model.config, hidden_layer)
     rec = SaliencyRecorder(model, layers)
     base = base_model(model)
     with rec.capture(batch["attention_mask"]):
         out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(),
-                   use_cache=False)
+                   use_cache=False, output_hidden_states=hidden_layer is not None)
     q_mean, k_mean = rec.means()  # Eq. 3, Eq. 5
     norm_mask = batch["attention_mask"] & ~batch["special_mask"]
     alpha = combine_saliency(q_mean, k_mean, norm_mask, row_weight, col_weight)  # Eq. 6-7
-    return alpha, out.last_hidden_state
+    return alpha, select_hidden(out, hidden_layer)
 
 
 @torch.no_grad()
@@ -143,12 +148,11 @@ def build_fingerprints(
     batch_tokens: int = 8192,
     max_batch_size: int = 64,
     pad_id: int | None = None,
+    hidden_layer: int | None = None,
 ) -> Fingerprints:
-    """Stage I: build the fingerprint dictionary from target sequences (Eq. 1-9).
-
-    ``targets`` are mappings with ``input_ids`` and optional ``scope_mask``/``special_mask``.
-    Results do not depend on batching or padding.
-    """
+    """Stage I: the fingerprint dictionary of target sequences (Eq. 1-9), independent of batching and
+    padding. ``targets``: mappings with ``input_ids``, optional ``scope_mask``/``special_mask``;
+    ``hidden_layer`` N: the states of ``hidden_states[N]`` (extension; ``meta["hidden_layer"]``)."""
     seqs = [as_sequence(t) for t in targets]
     if not seqs:
         raise NoFingerprintError("the target set is empty")
@@ -159,7 +163,7 @@ def build_fingerprints(
 
     def run(idx: np.ndarray):
         batch = collate([seqs[i] for i in idx], device, pad)
-        alpha, hidden = token_saliency(model, batch, layers, row_weight, col_weight)
+        alpha, hidden = token_saliency(model, batch, layers, row_weight, col_weight, hidden_layer=hidden_layer)
         take = batch["attention_mask"] & batch["scope_mask"] & ~batch["special_mask"]
         h_hat = torch.nn.functional.normalize(hidden[take].double(), dim=-1)
         return batch["input_ids"][take].cpu(), alpha[take].double().cpu(), h_hat.cpu()
@@ -189,6 +193,7 @@ def build_fingerprints(
         "n_targets": len(seqs),
         "n_target_tokens": int(ids.numel()),
         "dropped_zero_norm_classes": int((~keep).sum()),
+        "hidden_layer": hidden_layer,
     }
     fp = Fingerprints(classes[keep].numpy().astype(np.int64), vectors.numpy(),
                       counts[keep].numpy().astype(np.int64), meta)

@@ -6,6 +6,11 @@ For each in-scope, non-special token ``j`` of a candidate ``c``::
     s_j = lambda * cos(h^_j, f_{t_bar_j})          unseen class        (Eq. 11-12)
     S(c) = w_mu mean_j s_j + w_m max_j s_j + eta |M(c)| / |c|          (Eq. 13, 15)
 
+Extensions (docs/SPEC.md "Extensions"): ``h^`` from an intermediate ``hidden_layer``
+(:mod:`.layers`), and the generic correction ``S(c) = S_T(c) - S_G(c)``, the score against the
+targets minus the score against a generic target set of seeded random pool rows
+(:mod:`.generic`), both from the same forward of each batch.
+
 Everything is vectorised: a vocabulary-sized table maps a token id to its fingerprint row and
 weight (computed once, :class:`TokenMatcher`), so a batch costs one base-model forward (no LM head,
 no attentions), a gather, a row-wise dot product and masked segment reductions.
@@ -25,6 +30,7 @@ from .batching import collate, padding_mask_free, plan_batches, run_with_backoff
 from .config import RuntimeConfig, ScoreConfig
 from .data import TokenSequence, as_sequence
 from .fingerprints import Fingerprints, nearest_rows
+from .layers import check_hidden_layer, hidden_at, select_hidden
 from .models import base_model, embedding_matrix, model_pad_id
 
 # the defaults of every signature below, read from the config dataclasses (each default written once)
@@ -90,16 +96,20 @@ class ScoreDetails:
     n_tokens: np.ndarray
     n_scored: np.ndarray
     n_unseen: np.ndarray
+    # with the generic correction: score = target_score - generic_score (mean/max/coverage: the targets')
+    target_score: np.ndarray | None = None
+    generic_score: np.ndarray | None = None
 
     @classmethod
     def concat(cls, parts: list[ScoreDetails]) -> ScoreDetails:
         if not parts:
             e = np.zeros(0)
             return cls(e, e, e, e, e.astype(np.int64), e.astype(np.int64), e.astype(np.int64))
-        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__})
+        return cls(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in cls.__dataclass_fields__
+                      if getattr(parts[0], k) is not None})
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None}
 
 
 @torch.no_grad()
@@ -148,6 +158,15 @@ def pool_scores(
 Targets = Fingerprints | Mapping[str, Fingerprints]
 
 
+def generic_corrected(target: dict[str, torch.Tensor], generic: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``S_T(c) - S_G(c)`` (SPEC "Extensions": generic correction), with both components kept; a row
+    unscorable against either set (``-inf``) stays ``-inf``."""
+    t, g = target["score"], generic["score"]
+    both = torch.isfinite(t) & torch.isfinite(g)
+    return {**target, "score": torch.where(both, t - g, torch.full_like(t, float("-inf"))), "target_score": t,
+            "generic_score": g}
+
+
 class Scorer:
     """Stage II over a stream of sequences: length-sorted token-budget batches, pool order out.
 
@@ -156,13 +175,16 @@ class Scorer:
     (one vocabulary-sized :class:`TokenMatcher` per target), so each target's results are exactly
     those of a single-target run on the same batches. ``mask_free=True`` drops the padding mask
     from the forward where that is exact (:func:`~trim_select.batching.padding_mask_free`).
+    ``hidden_layer`` N matches the states of ``hidden_states[N]`` (fingerprints built at that layer);
+    ``generic`` (fingerprints of generic pool rows) turns on the generic correction for every target.
     """
 
     def __init__(self, model: Any, fingerprints: Targets, *, penalty: float | None = SCORE.penalty,
                  mean_weight: float = SCORE.mean_weight, max_weight: float = SCORE.max_weight,
                  coverage_weight: float = SCORE.coverage_weight, idf: np.ndarray | None = None,
                  batch_tokens: int = RUNTIME.batch_tokens, max_batch_size: int = RUNTIME.max_batch_size,
-                 pad_id: int | None = None, compile: bool = RUNTIME.compile, mask_free: bool = RUNTIME.mask_free):
+                 pad_id: int | None = None, compile: bool = RUNTIME.compile, mask_free: bool = RUNTIME.mask_free,
+                 hidden_layer: int | None = None, generic: Fingerprints | None = None):
         self.model = model
         self.base = base_model(model)
         self._forward = torch.compile(self.base, dynamic=True) if compile else self.base
@@ -173,11 +195,18 @@ class Scorer:
         if not targets:
             raise ValueError("no target set: pass one Fingerprints or a non-empty mapping of them")
         hidden = self.base.config.hidden_size
-        for name, fp in targets.items():
+        check_hidden_layer(self.base.config, hidden_layer)
+        self.hidden_layer = hidden_layer
+        for name, fp in {**targets, **({"generic": generic} if generic is not None else {})}.items():
             if fp.dim != hidden:
                 raise ValueError(f"fingerprints {name!r} have dimension {fp.dim} but the model's hidden size is "
                                  f"{hidden}: they were built with another model")
+            built_at = fp.meta.get("hidden_layer", hidden_layer)  # files from before the extension: the last
+            if built_at != hidden_layer:
+                raise ValueError(f"fingerprints {name!r} were built from hidden layer {built_at} but Stage II "
+                                 f"reads hidden layer {hidden_layer} (None: the last): they would not match")
         self.matchers = {name: TokenMatcher(fp, emb, penalty, self.device, idf=idf) for name, fp in targets.items()}
+        self.generic = None if generic is None else TokenMatcher(generic, emb, penalty, self.device, idf=idf)
         self.matcher = next(iter(self.matchers.values()))  # the (first) target's matcher
         self.vocab = self.matcher.vocab
         self.weights = (mean_weight, max_weight, coverage_weight)
@@ -198,8 +227,11 @@ class Scorer:
         every real token attends to the same keys either way, so its hidden state is the same.
         """
         mask = None if self.mask_free else batch["attention_mask"].long()
-        out = self._forward(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
-        return out.last_hidden_state
+        if self.hidden_layer is not None and self._forward is self.base:  # stop at that layer
+            return hidden_at(self.base, self.hidden_layer, batch["input_ids"], mask)
+        out = self._forward(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False,
+                            output_hidden_states=self.hidden_layer is not None)
+        return select_hidden(out, self.hidden_layer)
 
     def _check(self, seqs: list[TokenSequence]) -> None:
         for b in seqs:
@@ -216,14 +248,19 @@ class Scorer:
         for name in self.matchers:
             cols = {k: np.zeros(n, dtype=np.float64) for k in ("score", "mean", "max", "coverage")}
             cols.update({k: np.zeros(n, dtype=np.int64) for k in ("n_tokens", "n_scored", "n_unseen")})
+            if self.generic is not None:
+                cols.update({k: np.zeros(n, dtype=np.float64) for k in ("target_score", "generic_score")})
             out[name] = cols
         self._check(seqs)
 
         def run(idx: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
             batch = collate([seqs[i] for i in idx], self.device, self.pad_id)
             hidden = self.forward_hidden(batch)
-            return {name: {k: v.cpu().numpy() for k, v in pool_scores(m, batch, hidden, *self.weights).items()}
-                    for name, m in self.matchers.items()}
+            res = {name: pool_scores(m, batch, hidden, *self.weights) for name, m in self.matchers.items()}
+            if self.generic is not None:
+                g = pool_scores(self.generic, batch, hidden, *self.weights)
+                res = {name: generic_corrected(r, g) for name, r in res.items()}
+            return {name: {k: v.cpu().numpy() for k, v in r.items()} for name, r in res.items()}
 
         if n:
             for idx in plan_batches([len(s) for s in seqs], self.batch_tokens, self.max_batch_size):
@@ -330,5 +367,7 @@ def explain(scorer: Scorer, batch: Mapping[str, torch.Tensor]) -> TokenExplanati
     scored = (batch["scope_mask"][0] & ~batch["special_mask"][0] & m.scored[ids]).cpu().numpy()
     with torch.no_grad():
         recomputed = pool_scores(m, batch, hidden, *scorer.weights)
+        if scorer.generic is not None:
+            recomputed = generic_corrected(recomputed, pool_scores(scorer.generic, batch, hidden, *scorer.weights))
     return TokenExplanation(s=s, scored=scored, unseen=m.unseen[ids].cpu().numpy(),
                             fingerprint_row=m.row[ids].cpu().numpy(), score=float(recomputed["score"][0]))

@@ -37,6 +37,7 @@ from .config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig,
 from .data import Message, ReadStats, Record, Renderer, TokenSequence, as_sequence, read_records
 from .engines.base import column_sum, make_scorer, render_all, run_in_process, score_chunk
 from .fingerprints import Fingerprints, build_fingerprints
+from .generic import generic_summary, resolve_generic
 from .interrupts import check_stop
 from .io import RejectWriter, ScoreWriter, file_identity
 from .locking import folder_lock
@@ -77,6 +78,7 @@ class TrimSelector:
         self.runtime = runtime
         self.progress = progress
         self.fingerprints: Fingerprints | None = None
+        self.generic: Fingerprints | None = None  # the generic correction's fingerprints (score_pool)
         self.times = StageTimes()
         self.stats: dict[str, Any] = {}
         self.scored_pool: dict[str, Any] | None = None  # identity of the pool Stage II scored
@@ -148,7 +150,7 @@ class TrimSelector:
         seqs = list(self._sequences(items, renderer))
         fc = self.fingerprint_config
         fp = build_fingerprints(self.lm.model, seqs, fc.layers, fc.row_weight, fc.col_weight,
-                                batch_tokens=self.runtime.batch_tokens)
+                                batch_tokens=self.runtime.batch_tokens, hidden_layer=fc.hidden_layer)
         fp.meta.update({"model": self.model_identity(), "render": to_dict(self.render_config),
                         "fingerprint": to_dict(fc),
                         "n_truncated_targets": int(sum(s.n_truncated > 0 for s in seqs))})
@@ -205,6 +207,7 @@ class TrimSelector:
         rt, sc = self.runtime, self.score_config
         renderer = self.renderer()
         self.scored_pool = file_identity(pool)  # the digest coreset.jsonl must be written from
+        resolve_generic(self, pool, out_dir, format=format, skip_invalid=skip_invalid)  # None unless asked
         writer = self.score_writer(pool, out_dir, format=format, skip_invalid=skip_invalid, overwrite=overwrite,
                                    shard=shard)
         idf = None
@@ -242,7 +245,11 @@ class TrimSelector:
 
     def make_scorer(self, idf: np.ndarray | None = None) -> Scorer:
         """The Stage II scorer for the fitted fingerprints, with this selector's score/runtime configs."""
-        return make_scorer(self.lm.model, self.fingerprints, self.score_config, self.runtime, idf)
+        if self.score_config.generic_rows and self.generic is None:
+            raise RuntimeError("generic_rows is set but no generic fingerprints are resolved (score_pool does it)")
+        return make_scorer(self.lm.model, self.fingerprints, self.score_config, self.runtime, idf,
+                           hidden_layer=self.fingerprint_config.hidden_layer,
+                           generic=self.generic if self.score_config.generic_rows else None)  # None: correction off
 
     def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
         """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""
@@ -251,7 +258,19 @@ class TrimSelector:
         return config_hash(self.render_config, self.score_config,
                            {"fp": _fp_hash(self.fingerprints), "model": self.lm.sha256,
                             "chunk": self.runtime.chunk_size, "pool": file_identity(pool), "format": format,
-                            "skip_invalid": skip_invalid})
+                            "skip_invalid": skip_invalid, **self.extension_key()})
+
+    def extension_key(self) -> dict[str, Any]:
+        """What the extensions add to the Stage II key (nothing while they are off, so earlier keys
+        stay valid): the hidden layer, and the generic fingerprints' content."""
+        out: dict[str, Any] = {}
+        if self.fingerprint_config.hidden_layer is not None:
+            out["hidden_layer"] = self.fingerprint_config.hidden_layer
+        if self.score_config.generic_rows:
+            if self.generic is None:
+                raise RuntimeError("generic_rows is set but no generic fingerprints are resolved (score_pool does it)")
+            out["generic"] = _fp_hash(self.generic)
+        return out
 
     def score_writer(self, pool: str | Path, out_dir: Path, *, format: str | None, skip_invalid: bool,
                      overwrite: bool, shard: tuple[int, int] | None) -> ScoreWriter:
@@ -311,7 +330,14 @@ class TrimSelector:
                     "scoring": to_dict(self.score_config), "runtime": to_dict(self.runtime)},
             model=self.model_identity(),
             fingerprints={"classes": len(fp) if fp else None, **(fp.meta if fp else {})},
-            timings=self.times.seconds, extra=extra, scored_pool=self.scored_pool)
+            timings=self.times.seconds, extra={**self.generic_report(), **(extra or {})},
+            scored_pool=self.scored_pool)
+
+    def generic_report(self) -> dict[str, Any]:
+        """run.json's ``generic`` section (the generic rows' indices and ids), when the correction is on."""
+        if not self.score_config.generic_rows or self.generic is None:
+            return {}
+        return generic_summary(self.generic)
 
 
 def _finish_chunk(writer: ScoreWriter, scorer: Scorer, k: int, chunk: list[Record], fut: Any, bar: Any,

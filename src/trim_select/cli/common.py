@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..config import SCOPES, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig
+from ..config import SCOPES, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, exact_spec
 from ..interrupts import stop_on_signals
 
 console = Console(stderr=True)
@@ -43,7 +43,9 @@ def check_scope(value: str) -> str:
 
 def build_configs(**options: Any) -> tuple[RenderConfig, FingerprintConfig, ScoreConfig, RuntimeConfig]:
     """The four configs from CLI values: each option fills the dataclass field of its name; a field
-    no option names keeps its dataclass default (so a command passes only the options it has)."""
+    no option names keeps its dataclass default (so a command passes only the options it has).
+    ``exact_spec=True`` (``--exact-spec``) gives the paper's configs (:func:`trim_select.config.exact_spec`)."""
+    spec = options.pop("exact_spec", False)
     unknown = sorted(set(options) - set().union(*_FIELDS.values()))
     if unknown:
         raise TypeError(f"no config field named {unknown}")
@@ -52,8 +54,11 @@ def build_configs(**options: Any) -> tuple[RenderConfig, FingerprintConfig, Scor
     if isinstance(options.get("penalty"), str):
         options["penalty"] = parse_penalty(options["penalty"])
     try:
-        return tuple(cls(**{k: v for k, v in options.items() if k in names})  # type: ignore[return-value]
-                     for cls, names in _FIELDS.items())
+        render, fpc, scoring, runtime = (cls(**{k: v for k, v in options.items() if k in names})
+                                         for cls, names in _FIELDS.items())
+        if spec:
+            render, fpc, scoring = exact_spec(render, fpc, scoring)
+        return render, fpc, scoring, runtime
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 

@@ -163,12 +163,14 @@ def score_cmd(
     format: Format = None,
     **options: Any,
 ) -> None:
-    """Stage II with saved fingerprints (scope and template settings come from the file)."""
-    meta = Fingerprints.load(fingerprints).meta.get("render", {})
+    """Stage II with saved fingerprints (scope, template and hidden-layer settings come from the file)."""
+    fp_meta = Fingerprints.load(fingerprints).meta
+    meta = fp_meta.get("render", {})
     where = pick(options, ENGINE) | pick(options, SHARD)
     control = pick(options, CONTROL)
     sel = make_selector(model, control.pop("quiet"), format=format, scope=meta.get("scope", RENDER.scope),
-                        score_template=meta.get("score_template", RENDER.score_template), **options)
+                        score_template=meta.get("score_template", RENDER.score_template),
+                        hidden_layer=fp_meta.get("hidden_layer"), **options)
     report = execute(sel, pool, out, budget, **where, fingerprints=fingerprints, format=format, **control)
     if report is not None:
         summarise(report, out)

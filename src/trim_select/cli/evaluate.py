@@ -140,8 +140,9 @@ def compare_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (resumable: rerun the same command).")],
     methods: Annotated[str, typer.Option(
         "--methods",
-        help="Comma list: trim, trim-warmup and any baseline (random, bm25, dsir, rds, less; trim-warmup "
-             "and LESS share one warmup, trained once).")] = "trim,bm25,random",
+        help="Comma list: trim, trim-warmup, the TRIM extensions trim-generic, trim-layer-N (e.g. trim-layer-20), "
+             "trim-layer-N-generic (docs/SPEC.md \"Extensions\"), and any baseline (random, bm25, dsir, rds, "
+             "less; trim-warmup and LESS share one warmup, trained once).")] = "trim,bm25,random",
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tuning seeds 0..N-1 per method.")] = 3,
     model: Model = "default",
     selection_model: Annotated[str | None, typer.Option(

@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.models import OptionInfo
 
-from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, field_doc
+from ..config import EXACT_SPEC_DOC, FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, field_doc
 from ..training.recipe import LoraRecipe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -94,14 +94,17 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bar.")]
 TOKENS = [
     field_opt(RenderConfig, "scope", str),
     field_opt(RenderConfig, "score_template", bool, "--score-template/--content-only"),
+    Opt("exact_spec", Annotated[bool, typer.Option("--exact-spec", help=EXACT_SPEC_DOC)], False),
 ]
 STAGE_I = [field_opt(FingerprintConfig, name, tp) for name, tp in
-           (("layers", int), ("row_weight", float), ("col_weight", float))]
+           (("layers", int), ("row_weight", float), ("col_weight", float), ("hidden_layer", int | None))]
 _penalty = ScoreConfig().penalty
 STAGE_II = [
     field_opt(ScoreConfig, "penalty", str, default="none" if _penalty is None else str(_penalty)),
     *(field_opt(ScoreConfig, name, float) for name in ("mean_weight", "max_weight", "coverage_weight")),
     field_opt(ScoreConfig, "idf", bool, "--idf/--no-idf"),
+    field_opt(ScoreConfig, "generic_rows", int),
+    field_opt(ScoreConfig, "generic_seed", int),
 ]
 FORWARD = [
     Opt("max_length", MaxLen, RenderConfig().max_length),

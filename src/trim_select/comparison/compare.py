@@ -49,6 +49,7 @@ from ..models import resolve_model_path
 from .rows import model_rows
 from .selections import (
     TRIM_METHODS,
+    TRIM_VARIANTS,
     WARMUP_METHODS,
     mark_selection_done,
     ranking_of,
@@ -56,6 +57,7 @@ from .selections import (
     shared_warmup,
     training_rows,
     trim_selections,
+    trim_variant,
 )
 from .tables import BASE, compare_markdown, method_means, paired
 
@@ -63,10 +65,11 @@ STOCHASTIC_METHODS: frozenset[str] = frozenset({"random"})
 
 
 def available_methods() -> list[str]:
-    """``trim``, ``trim-warmup`` and every registered baseline."""
+    """``trim``, ``trim-warmup``, the TRIM variants (``trim-layer-N``: any layer N) and every registered
+    baseline."""
     from ..baselines import BASELINES
 
-    return [*TRIM_METHODS, *sorted(BASELINES)]
+    return [*TRIM_METHODS, *TRIM_VARIANTS, *sorted(BASELINES)]
 
 
 def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_dir: str | Path, *, seed: int,
@@ -179,7 +182,7 @@ class _Compare:
     def __init__(self, tasks: Sequence[str | Path], pool: str | Path, budget: str, methods: Sequence[str],
                  out_dir: str | Path, **kw: Any):
         known = available_methods()
-        unknown = [m for m in methods if m not in known]
+        unknown = [m for m in methods if trim_variant(m) is None and (m not in known or m in TRIM_VARIANTS)]
         if unknown or not methods:
             raise ValueError(f"unknown methods {unknown}; expected some of {known}" if unknown
                              else "give at least one method")
@@ -231,6 +234,14 @@ class _Compare:
                 found = trim_selections(self.tasks, self.pool, self.budget, self.out / "select" / method,
                                         model=spec, runtime=self.runtime, progress=self.progress,
                                         overwrite=self.overwrite)
+                for name, d in found.items():
+                    dirs[name][method] = [d]
+                continue
+            variant = trim_variant(method)
+            if variant is not None:  # a TRIM extension: every task in one pool pass, on the base model
+                found = trim_selections(self.tasks, self.pool, self.budget, self.out / "select" / method,
+                                        model=self.selection_model, runtime=self.runtime, progress=self.progress,
+                                        overwrite=self.overwrite, fingerprint=variant[0], scoring=variant[1])
                 for name, d in found.items():
                     dirs[name][method] = [d]
                 continue

@@ -8,6 +8,10 @@ every task, the baselines, and the fairness controls applied to each coreset.
   the pool with the recipe of ``trim-select run``); the warmup is trained once per compare run
   and also gives LESS its checkpoints. LESS without a warmup is refused: its features are the
   warmup's Adam-preconditioned gradients, and a fresh LoRA is a different method.
+- ``trim-generic``, ``trim-layer-N``, ``trim-layer-N-generic``: TRIM on the base model with the
+  extensions of ``docs/SPEC.md`` "Extensions" (:func:`trim_variant`): the generic correction with
+  ``GENERIC_ROWS`` rows (the ablation's), fingerprints and states from hidden layer N; like ``trim``,
+  all tasks in one pool pass per variant (``OUT/select/<method>/<task>/``).
 - baselines: :func:`trim_select.baselines.run_baseline`, one folder per (task, method[, seed]).
 
 Controls (:func:`training_rows`), applied to every method alike, in this order:
@@ -24,6 +28,7 @@ Controls (:func:`training_rows`), applied to every method alike, in this order:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..config import RuntimeConfig, config_hash
+from ..config import FingerprintConfig, RuntimeConfig, ScoreConfig, config_hash, key_dict
 from ..data import Record
 from ..engines.multi import run_many_in_process
 from ..evaluation.controls import fill_to_budget, prefix_for_tokens
@@ -47,6 +52,19 @@ TRIM_METHODS: tuple[str, ...] = ("trim", "trim-warmup")
 WARMUP_METHODS: frozenset[str] = frozenset({"trim-warmup", "less"})
 SELECTION_MARKER = "selection.json"  # a selection folder's completion marker: its key
 FILL_COLUMNS: tuple[str, ...] = ("log_importance_weight", "gumbel")  # DSIR's score before the min_words filter
+TRIM_VARIANTS: tuple[str, ...] = ("trim-generic", "trim-layer-N", "trim-layer-N-generic")  # N: a layer number
+GENERIC_ROWS = 10  # generic rows of trim-generic: those of benchmarks/ablations.py (--generic-rows 10)
+_VARIANT = re.compile(r"trim(?:-layer-(\d+))?(-generic)?")
+
+
+def trim_variant(method: str) -> tuple[FingerprintConfig, ScoreConfig] | None:
+    """The configs of a TRIM variant method (``trim-generic``, ``trim-layer-N``, ``trim-layer-N-generic``),
+    or None when ``method`` is not one (``trim`` itself is not a variant)."""
+    m = _VARIANT.fullmatch(method)
+    if m is None or method == "trim":
+        return None
+    layer = None if m.group(1) is None else int(m.group(1))
+    return (FingerprintConfig(hidden_layer=layer), ScoreConfig(generic_rows=GENERIC_ROWS if m.group(2) else 0))
 
 
 def model_identity(spec: str | Path) -> dict[str, Any] | str:
@@ -80,24 +98,36 @@ def mark_selection_done(out: Path, key: str, **info: Any) -> None:
 
 
 def trim_selections(tasks: Sequence[Task], pool: str | Path, budget: str, out_dir: str | Path, *, model: str | Path,
-                    runtime: RuntimeConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
-    """TRIM for every task in one pool pass: ``{task: OUT/<task>/}`` (skipped when done with these inputs)."""
+                    runtime: RuntimeConfig, progress: bool = True, overwrite: bool = False,
+                    fingerprint: FingerprintConfig | None = None, scoring: ScoreConfig | None = None
+                    ) -> dict[str, Path]:
+    """TRIM for every task in one pool pass: ``{task: OUT/<task>/}`` (skipped when done with these inputs);
+    ``fingerprint``/``scoring`` configs for a variant (:func:`trim_variant`; default: the defaults)."""
     out = Path(out_dir)
     targets = {t.name: Path(t.path) / "val.jsonl" for t in tasks}
     for path in targets.values():
         if not path.exists():
             raise FileNotFoundError(f"{path}: a task folder needs val.jsonl (the target set) for selection")
     key = config_hash(runtime, {"model": model_identity(model), "pool": file_identity(pool), "budget": budget,
-                                "targets": {n: file_identity(p) for n, p in targets.items()}})
+                                "targets": {n: file_identity(p) for n, p in targets.items()},
+                                **_configs_key(fingerprint, scoring)})
     dirs = {n: out / n for n in targets}
     if selection_state(out, key, [d / "coreset.jsonl" for d in dirs.values()]) == "done":
         return dirs
     with folder_lock(out, "select"):
-        sel = TrimSelector(str(model), runtime=runtime, progress=progress)
+        sel = TrimSelector(str(model), runtime=runtime, progress=progress,
+                           fingerprint=fingerprint or FingerprintConfig(), scoring=scoring or ScoreConfig())
         report = run_many_in_process(sel, pool, out, {n: budget for n in targets}, targets, overwrite=overwrite)
         report.write(out)
     mark_selection_done(out, key, tasks=sorted(targets))
     return dirs
+
+
+def _configs_key(fingerprint: FingerprintConfig | None, scoring: ScoreConfig | None) -> dict[str, Any]:
+    """The variant's configs in the selection key (none for plain ``trim``, whose key predates them)."""
+    if fingerprint is None and scoring is None:
+        return {}
+    return {"configs": [key_dict(fingerprint or FingerprintConfig()), key_dict(scoring or ScoreConfig())]}
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from ..config import FingerprintConfig, RenderConfig, RuntimeConfig, ScoreConfig, config_hash, to_dict
 from ..data import ReadStats, Record, Renderer, read_records
 from ..fingerprints import Fingerprints
+from ..generic import generic_section, prepare_extensions
 from ..io import (
     SCORE_COLUMNS,
     InputChangedError,
@@ -145,7 +146,6 @@ def part_path(out_dir: str | Path, chunk: int) -> Path:
     return Path(out_dir) / "parts" / f"part-{chunk:06d}.parquet"
 
 
-
 # --------------------------------------------------------------------------------------------
 # Steps every engine shares
 # --------------------------------------------------------------------------------------------
@@ -202,13 +202,13 @@ def score_chunk(writers: ScoreWriter | Mapping[str, ScoreWriter], k: int, scorer
 
 
 def make_scorer(model: Any, targets: Fingerprints | Mapping[str, Fingerprints], scoring: ScoreConfig,
-                runtime: RuntimeConfig, idf: np.ndarray | None = None) -> Scorer:
-    """The Stage II scorer of one or several target sets with a run's score and runtime settings (one
-    construction for the in-process engine, local workers, shard jobs and Ray actors)."""
+                runtime: RuntimeConfig, idf: np.ndarray | None = None, *, hidden_layer: int | None = None,
+                generic: Fingerprints | None = None) -> Scorer:
+    """The Stage II scorer of one or several target sets with a run's settings (every engine's one constructor)."""
     return Scorer(model, targets, penalty=scoring.penalty, mean_weight=scoring.mean_weight,
                   max_weight=scoring.max_weight, coverage_weight=scoring.coverage_weight, idf=idf,
                   batch_tokens=runtime.batch_tokens, max_batch_size=runtime.max_batch_size,
-                  compile=runtime.compile, mask_free=runtime.mask_free)
+                  compile=runtime.compile, mask_free=runtime.mask_free, hidden_layer=hidden_layer, generic=generic)
 
 
 def render_all(renderer: Renderer, records: Sequence[Record]) -> list[Any]:
@@ -243,6 +243,7 @@ def prepare(sel: TrimSelector, pool: str | Path, out_dir: str | Path, *, targets
     out_dir.mkdir(parents=True, exist_ok=True)
     resolve_fingerprints(sel, out_dir, targets=targets, fingerprints=fingerprints, target_format=target_format,
                          overwrite=overwrite)
+    prepare_extensions(sel, pool, out_dir, engine, format=format, skip_invalid=skip_invalid)  # before the workers
     key = sel.scores_key(pool, format=format, skip_invalid=skip_invalid)
     if chunking == "rows" and skip_invalid:  # rows and records chunks differ: never mix them
         key = config_hash(key, "rows")
@@ -376,14 +377,13 @@ def merge_report(out_dir: str | Path, budget: str | int | float | None = None, *
     table, chosen = write_selection(pool, out_dir, table, budget, format=plan.format,
                                     digest=scored.get("xxh3_128"))
     timings["selection"] = round(timings.get("selection", 0.0) + time.perf_counter() - t1, 3)
-    render, fpc, scoring, runtime = plan.configs()
+    configs = plan.configs()
     report = select_report(
         pool=pool, budget=budget, table=table, chosen=chosen, stats={"pool": pool_stats},
-        config={"render": to_dict(render), "fingerprint": to_dict(fpc), "scoring": to_dict(scoring),
-                "runtime": to_dict(runtime)},
+        config={k: to_dict(c) for k, c in zip(("render", "fingerprint", "scoring", "runtime"), configs, strict=True)},
         model=plan.model, fingerprints={"classes": len(fp) or None, **fp.meta}, timings=timings,
         extra={"distributed": {"engine": plan.engine, "chunks": plan.expected_chunks(stats),
-                               "shards": plan.shards, **(extra or {})}},
+                               "shards": plan.shards, **(extra or {})}, **generic_section(out_dir, configs[2])},
         scored_pool=plan.pool_identity)
     report.timings["total"] = round(sum(v for k, v in report.timings.items() if k != "total"), 3)
     return report

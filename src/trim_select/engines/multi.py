@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..data import ReadStats, Record, read_records
 from ..fingerprints import Fingerprints
+from ..generic import resolve_generic
 from ..host import RenderPool
 from ..interrupts import check_stop
 from ..io import RejectWriter, ScoreWriter, file_identity, part_seconds, write_json
@@ -140,13 +141,17 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, dirs: Mapping[str, Path
     t0 = time.perf_counter()
     rt, sc = sel.runtime, sel.score_config
     sel.scored_pool = file_identity(pool)
+    # one generic set for every target, kept in the first target's folder (where .base.prepare put it
+    # before any worker started, on the scale-out engines)
+    resolve_generic(sel, pool, next(iter(dirs.values())), format=format, skip_invalid=skip_invalid)
     writers = {}
     for name, fp in fps.items():
         sel.fingerprints = fp
         writers[name] = sel.score_writer(pool, dirs[name], format=format, skip_invalid=skip_invalid,
                                          overwrite=overwrite, shard=shard)
     idf = sel.pool_idf(pool, format=format, skip_invalid=skip_invalid) if sc.idf else None
-    scorer = make_scorer(sel.lm.model, dict(fps), sc, rt, idf)
+    scorer = make_scorer(sel.lm.model, dict(fps), sc, rt, idf, hidden_layer=sel.fingerprint_config.hidden_layer,
+                         generic=sel.generic)
     stats = ReadStats()
     rejects = [RejectWriter(d / "rejected.jsonl") for d in dirs.values()]
     records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, track_ids=False,

@@ -13,6 +13,7 @@ from ..batching import collate
 from ..config import FingerprintConfig, ScoreConfig
 from ..data import Record, Renderer, load_records
 from ..fingerprints import Fingerprints, token_saliency
+from ..generic import GENERIC_FILE
 from ..models import load_model, model_pad_id
 from ..scoring import Scorer, explain
 from .config import ReportConfig
@@ -210,8 +211,11 @@ def build_token_view(
     _target_rows(ctx, run, cfg, view, hint)
     sc = ctx.sc
     try:
+        generic = run.dir / GENERIC_FILE  # the generic correction's set, when the run used one
         scorer = Scorer(ctx.lm.model, ctx.fp, penalty=sc.penalty, mean_weight=sc.mean_weight,
-                        max_weight=sc.max_weight, coverage_weight=sc.coverage_weight)
+                        max_weight=sc.max_weight, coverage_weight=sc.coverage_weight,
+                        hidden_layer=ctx.fp.meta.get("hidden_layer"),
+                        generic=Fingerprints.load(generic) if sc.generic_rows and generic.exists() else None)
     except ValueError as exc:
         view.notes.append(f"{run.label}: {exc}: candidate view skipped.")
         return view
