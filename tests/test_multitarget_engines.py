@@ -176,3 +176,16 @@ def test_ray_gives_each_target_its_single_target_ray_run_and_resumes_chunks_miss
         assert {k: v for k, v in part_stamps(out / name).items() if k in kept[name]} == kept[name]
         assert_byte_identical(out / name, tmp_path / name)
     assert top["cost"]["pool_passes"] == 1
+
+
+def test_local_workers_with_a_hidden_layer_and_generic_rows_match_single_target_runs(tmp_path, tiny_dir, pool,
+                                                                                      sets):
+    ext = ("--hidden-layer", "1", "--generic-rows", "3")
+    out = tmp_path / "multi"
+    select(pool, sets, out, tiny_dir, "--workers", "2", *ext)
+    assert_multi_layout(out)
+    for name in NAMES:
+        single = tmp_path / name
+        select(pool, sets / f"{name}.jsonl", single, tiny_dir, "--workers", "2", *ext)
+        assert_byte_identical(out / name, single)
+        assert json.loads((out / name / "run.json").read_text())["generic"]["rows"] == 3
