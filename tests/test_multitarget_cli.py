@@ -88,6 +88,11 @@ def test_a_folder_of_targets_with_per_target_budgets(tiny_dir, sets, tmp_path):
     assert len((out / "french" / "coreset.jsonl").read_bytes().splitlines()) == 12
     single(tiny_dir, pool, folder / "gsm.jsonl", "3", tmp_path / "gsm")
     assert_same_as_single(out / "gsm", tmp_path / "gsm")
+    # `report OUT` of a several-targets folder reports each target's coreset
+    res = invoke("report", out, "--out", tmp_path / "report", "--no-token-view")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert sorted(r["dir"].rsplit("/", 1)[-1] for r in summary["runs"]) == ["french", "gsm"]
 
 
 def test_resume_after_a_killed_run_gives_identical_outputs(tiny_dir, sets, tmp_path):

@@ -27,7 +27,8 @@ def report_cmd(
     dirs: Annotated[
         list[Path],
         typer.Argument(
-            help="Output folders of `select`, `score --budget` or `baseline`.", show_default=False
+            help="Output folders of `select`, `score --budget` or `baseline` (a several-targets `select` "
+                 "folder: each target).", show_default=False
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Report folder (index.html, PNGs, summary.json).")],

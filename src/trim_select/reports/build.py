@@ -11,7 +11,7 @@ from ..io import atomic_path, write_json
 from .config import ReportConfig
 from .figures import figure_lengths, figure_overlap, figure_scores, figure_source_mix, figure_task_mix
 from .html import render_html
-from .load import load_pools, load_run, unique_labels
+from .load import load_pools, load_run, run_folders, unique_labels
 from .stats import compute_summary
 from .tokens import TokenView, build_token_view, recorded_targets
 
@@ -39,7 +39,7 @@ def build_report(
         raise ValueError("give at least one output folder of select/baseline")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d, cfg.pool) for d in run_dirs]
+    runs = [load_run(d, cfg.pool) for d in run_folders(run_dirs)]  # a multi-target OUT: each target
     unique_labels(runs)
     pools = load_pools(runs, cfg)
     notes = [p.note for p in pools.values() if p.note]

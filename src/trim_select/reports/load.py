@@ -74,6 +74,21 @@ def _pool_path(info: dict[str, Any]) -> Path | None:
     return Path(pool) if isinstance(pool, str) and pool else None
 
 
+def run_folders(paths: Sequence[str | Path]) -> list[Path]:
+    """The output folders behind ``paths``: a multi-target folder (``OUT/run.json`` listing its
+    ``targets``, no ``scores.parquet`` of its own) stands for its per-target folders, in that order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        info_path = p / "run.json"
+        if not (p / "scores.parquet").exists() and info_path.exists():
+            targets = json.loads(info_path.read_text()).get("targets")
+            if isinstance(targets, dict) and targets:
+                out.extend(p / str(t.get("folder", name)) for name, t in targets.items())
+                continue
+        out.append(p)
+    return out
+
+
 def load_run(path: str | Path, pool: str | Path | None = None) -> RunData:
     """Read one output folder. Raises ``FileNotFoundError``/``ValueError`` naming what is missing."""
     d = Path(path)
