@@ -243,13 +243,19 @@ class TrimSelector:
         self.times.add("stage2_scoring", t0)
         return table
 
+    def generic_fingerprints(self) -> Fingerprints | None:
+        """The generic correction's fingerprints, ``None`` while it is off; refuses when it is on but
+        they were not resolved yet (``score_pool`` / :func:`trim_select.generic.resolve_generic` do it)."""
+        if not self.score_config.generic_rows:
+            return None
+        if self.generic is None:
+            raise RuntimeError("generic_rows is set but no generic fingerprints are resolved (score_pool does it)")
+        return self.generic
+
     def make_scorer(self, idf: np.ndarray | None = None) -> Scorer:
         """The Stage II scorer for the fitted fingerprints, with this selector's score/runtime configs."""
-        if self.score_config.generic_rows and self.generic is None:
-            raise RuntimeError("generic_rows is set but no generic fingerprints are resolved (score_pool does it)")
         return make_scorer(self.lm.model, self.fingerprints, self.score_config, self.runtime, idf,
-                           hidden_layer=self.fingerprint_config.hidden_layer,
-                           generic=self.generic if self.score_config.generic_rows else None)  # None: correction off
+                           hidden_layer=self.fingerprint_config.hidden_layer, generic=self.generic_fingerprints())
 
     def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
         """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""
@@ -266,10 +272,9 @@ class TrimSelector:
         out: dict[str, Any] = {}
         if self.fingerprint_config.hidden_layer is not None:
             out["hidden_layer"] = self.fingerprint_config.hidden_layer
-        if self.score_config.generic_rows:
-            if self.generic is None:
-                raise RuntimeError("generic_rows is set but no generic fingerprints are resolved (score_pool does it)")
-            out["generic"] = _fp_hash(self.generic)
+        generic = self.generic_fingerprints()
+        if generic is not None:
+            out["generic"] = _fp_hash(generic)
         return out
 
     def score_writer(self, pool: str | Path, out_dir: Path, *, format: str | None, skip_invalid: bool,

@@ -151,7 +151,7 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, dirs: Mapping[str, Path
                                          overwrite=overwrite, shard=shard)
     idf = sel.pool_idf(pool, format=format, skip_invalid=skip_invalid) if sc.idf else None
     scorer = make_scorer(sel.lm.model, dict(fps), sc, rt, idf, hidden_layer=sel.fingerprint_config.hidden_layer,
-                         generic=sel.generic)
+                         generic=sel.generic_fingerprints())
     stats = ReadStats()
     rejects = [RejectWriter(d / "rejected.jsonl") for d in dirs.values()]
     records = read_records(pool, format, skip_invalid=skip_invalid, stats=stats, track_ids=False,

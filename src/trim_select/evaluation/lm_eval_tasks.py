@@ -237,9 +237,7 @@ def rows_task_folder(kind: str, rows: Sequence[TaskRow], exemplars: Sequence[Tas
 def subset_task_folder(task: Task, rows: Sequence[TaskRow], out_dir: str | Path) -> Path:
     """A task folder holding exactly ``rows`` as its test set (and the task's ``dev.jsonl``), so that
     lm-eval scores the same rows as the answer NLL; rewritten only when its content would change."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(out / "test.jsonl", _rows_text(rows, task.kind))
+    out = rows_task_folder(task.kind, rows, (), out_dir)  # dev.jsonl: the task's own file, byte for byte
     dev = Path(task.path) / "dev.jsonl"
     if dev.exists() and (not (out / "dev.jsonl").exists()
                          or (out / "dev.jsonl").read_bytes() != dev.read_bytes()):
