@@ -28,6 +28,11 @@ the coreset selected by the generic (random-row) targets: a measure of target-in
         --task gsm=../shared/bench/targets/gsm/val.jsonl \
         --task social_iqa=../shared/bench/targets/social_iqa/val.jsonl \
         --in-domain gsm=cot --budget 5% --cache /tmp/ablation-cache --out benchmarks/results/ablations
+
+``--scores-out DIR --variants generic,layer-20`` also writes each named variant's full score vector
+as ``DIR/<variant>/<task>/scores.parquet`` (``index``, ``id``, ``score``: the columns ``select``
+writes; the generic rows are not masked out, as in the product), a ranking that ``trim-select
+compare --selection ablation-generic=DIR/generic`` trains and scores like any method.
 """
 
 from __future__ import annotations
@@ -133,11 +138,12 @@ def pool_states(lm, seqs, layers: list[int], cache: Path, part_rows: int = 64) -
             np.savez(tmp, rows=rows, **{f"l{n}": np.concatenate(got[n]) for n in layers})
             os.replace(tmp, path)
             fresh_tokens += int(lengths[rows].sum())
-        z = np.load(path)
+        with np.load(path) as npz:  # each key read once: NpzFile re-reads an array on every access
+            z = {n: npz[f"l{n}"] for n in layers}
         pos = 0
         for i in rows:
             for n in layers:
-                flat[n][offsets[i]:offsets[i + 1]] = z[f"l{n}"][pos:pos + lengths[i]]
+                flat[n][offsets[i]:offsets[i + 1]] = z[n][pos:pos + lengths[i]]
             pos += lengths[i]
         done_tokens += int(lengths[rows].sum())
         el = time.perf_counter() - t0
@@ -255,6 +261,8 @@ def main() -> None:
     ap.add_argument("--cache", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=int, default=None, help="first N pool rows only (smoke runs)")
+    ap.add_argument("--scores-out", default=None, help="write full score vectors of --variants here")
+    ap.add_argument("--variants", default="", help="comma list of variants for --scores-out (default: all)")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = [int(x) for x in args.layers.split(",")]
@@ -282,7 +290,9 @@ def main() -> None:
     eligible[generic_idx] = False  # the generic targets' own rows never count as selected
     sets = {name: load_records(path) for name, path in tasks.items()}
     sets["_generic"] = [pool[i] for i in generic_idx]
-    results = run_variants(lm, sets, variants(layers), states, ctx, spec_r, cont_r, emb, eligible, k)
+    results, scores = run_variants(lm, sets, variants(layers), states, ctx, spec_r, cont_r, emb, eligible, k)
+    if args.scores_out:
+        write_scores(Path(args.scores_out), scores, pool, [v for v in args.variants.split(",") if v])
     bm = {t: bm25_top(pool, sets[t], k).tolist() for t in tasks}
     table = metrics(results, bm, pool, lengths, in_domain, list(tasks), k)
     write_outputs(Path(args.out), args, table, results, bm, k, n, lengths, fresh, fwd_s)
@@ -296,7 +306,7 @@ def run_variants(lm, sets, vs, states, ctx, spec_r, cont_r, emb, eligible, k) ->
             for layer in {v.layer for v in vs if v.template == template}:
                 fps[(name, template, layer)] = fingerprints_at(lm, [r(x) for x in recs], layer)
     sims = {key: token_sims(fp, emb, states[key[2]], ctx["ids"]) for key, fp in fps.items()}
-    out = {}
+    out, scores = {}, {}
     for v in vs:
         generic = score_variant(replace(v, norm="none"), sims[("_generic", v.template, v.layer)], ctx)
         out[(v.name, "_generic")] = select_top(np.where(eligible, generic, -np.inf), k).tolist()
@@ -306,8 +316,29 @@ def run_variants(lm, sets, vs, states, ctx, spec_r, cont_r, emb, eligible, k) ->
             s = score_variant(v, sims[(name, v.template, v.layer)], ctx)
             if v.norm == "generic":
                 s = s - generic
+            scores[(v.name, name)] = s
             out[(v.name, name)] = select_top(np.where(eligible, s, -np.inf), k).tolist()
-    return out
+    return out, scores
+
+
+def write_scores(root: Path, scores: dict, pool, names: list[str]) -> None:
+    """``root/<variant>/<task>/scores.parquet`` of the named variants (all when ``names`` is empty)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    known = {v for v, _ in scores}
+    if set(names) - known:
+        raise SystemExit(f"unknown variants {sorted(set(names) - known)}; known: {sorted(known)}")
+    for (variant, task), s in scores.items():
+        if names and variant not in names:
+            continue
+        d = root / variant / task
+        d.mkdir(parents=True, exist_ok=True)
+        table = pa.table({"index": np.array([r.index for r in pool], dtype=np.int64), "id": [str(r.id) for r in pool],
+                          "score": np.asarray(s, dtype=np.float64)})
+        pq.write_table(table, d / "scores.parquet.tmp")
+        os.replace(d / "scores.parquet.tmp", d / "scores.parquet")
+        print(f"wrote {d / 'scores.parquet'}")
 
 
 def metrics(results, bm, pool, lengths, in_domain, tasks, k) -> list[dict]:

@@ -176,3 +176,27 @@ def test_compare_refuses_a_trim_variant_it_cannot_parse(tmp_path, setup, bad):
     dirs, pool, kw = setup
     with pytest.raises(ValueError, match="unknown methods"):
         compare(dirs, pool, "4", ["trim", bad], tmp_path / "cmp", **kw)
+
+
+def test_an_external_selection_trains_on_the_rows_of_the_ranking_it_holds(tmp_path, setup):
+    import shutil
+
+    dirs, pool, kw = setup
+    kw = {**kw, "seeds": 1}
+    out = tmp_path / "cmp"
+    compare(dirs, pool, "4", ["bm25"], out, **kw)
+    ext = tmp_path / "ext"
+    for d in dirs:  # bm25's own rankings, handed back as an external selection
+        (ext / d.name).mkdir(parents=True)
+        shutil.copy(out / "select" / d.name / "bm25" / "scores.parquet", ext / d.name / "scores.parquet")
+    summary = compare(dirs, pool, "4", ["bm25"], out, selections={"mine": ext}, **kw)
+    assert summary["labels"] == ["bm25", "mine"]
+    for task in summary["tasks"].values():
+        mine, bm25 = task["methods"]["mine"], task["methods"]["bm25"]
+        assert mine["train"] == bm25["train"] and mine["cost"]["seconds"] is None and "xxh3_128" in mine["scores"]
+        (pair,) = [p for p in task["paired"]["pairs"]["answer_nll"] if {p["a"], p["b"]} == {"bm25", "mine"}]
+        assert pair["mean_diff"] == 0.0 and not pair["excludes_zero"]
+    with pytest.raises(ValueError, match="clash"):
+        compare(dirs, pool, "4", ["bm25"], tmp_path / "c2", selections={"bm25": ext}, **kw)
+    with pytest.raises(FileNotFoundError, match="scores.parquet"):
+        compare(dirs, pool, "4", [], tmp_path / "c3", selections={"none": tmp_path / "nowhere"}, **kw)

@@ -207,7 +207,7 @@ def test_warmup_refuses_a_pool_edited_in_place_and_retrains_with_overwrite(tiny_
 
 
 def test_compare_selection_step_refuses_a_changed_pool(tmp_path):
-    from trim_select.comparison.compare import run_selection
+    from trim_select.comparison.selections import run_selection
     from trim_select.config import RuntimeConfig
     from trim_select.evaluation.tasks import load_task
 

@@ -83,3 +83,20 @@ def test_rows_roundtrip_gzip_and_markdown_marks_significance(tmp_path):
     md = pairwise_markdown([{"metric": "answer_nll", "a": "a", "b": "b", "mean_diff": -0.2, "low": -0.3,
                              "high": -0.1, "n": 3, "excludes_zero": True}], seeds=3)
     assert "| * |" in md and "3 seeds" in md
+
+
+def test_per_seed_differences_show_a_seed_that_disagrees_with_the_interval():
+    ids = [f"r{i}" for i in range(50)]
+    base = np.linspace(1.0, 2.0, 50)
+    # b is worse than a by 0.3 at seed 0 and better by 0.1 at seeds 1 and 2: the seed average says
+    # a is better on every row (a tight interval), the seeds say the ranking is not stable
+    a = _rows("a", [base, base, base], ids)
+    b = _rows("b", [base + 0.3, base - 0.1, base - 0.1], ids)
+    untuned = [{"method": "base", "seed": "-", "id": i, "answer_nll": 2.0, "correct": 0} for i in ids]
+    by_pair = {(r["a"], r["b"]): r for r in pairwise(a + b + untuned, "answer_nll", BootstrapConfig(resamples=500))}
+    ab = by_pair[("a", "b")]
+    assert ab["excludes_zero"] and ab["mean_diff"] == pytest.approx(-1 / 30)
+    assert ab["per_seed"] == pytest.approx({"0": -0.3, "1": 0.1, "2": 0.1}) and not ab["seeds_agree"]
+    a_base = by_pair[("a", "base")]  # the seedless base is paired with each seed of the other method
+    assert a_base["per_seed"] == pytest.approx({s: float(np.mean(base - 2.0)) for s in "012"})
+    assert a_base["seeds_agree"]

@@ -158,6 +158,10 @@ def compare_cmd(
     decontaminate: Annotated[bool, typer.Option(
         "--decontaminate", help="Drop pool rows whose word 13-grams overlap a test row of the task (they "
                                 "are listed in compare.json either way).")] = False,
+    selection: Annotated[list[str] | None, typer.Option(
+        "--selection", help="NAME=DIR: also train and score an external ranking as method NAME, read from "
+                            "DIR/<task>/scores.parquet (index and score columns, as `select` writes; "
+                            "DIR/scores.parquet with one task). Repeatable.")] = None,
     baseline: Baseline = True,
     quiet: Quiet = False,
     overwrite: Overwrite = False,
@@ -173,9 +177,17 @@ def compare_cmd(
     """
     config, recipe = _configs(options)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    external = {}
+    for item in selection or []:
+        name, sep, folder = item.partition("=")
+        if not (sep and name.strip() and folder.strip()):
+            raise typer.BadParameter(f"--selection {item!r}: expected NAME=DIR")
+        if name.strip() in external:
+            raise typer.BadParameter(f"--selection {name.strip()!r} given twice")
+        external[name.strip()] = Path(folder.strip())
     compare(task, pool, budget, method_list, out, seeds=seeds, model=model, selection_model=selection_model,
             recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
-            match_tokens=match_tokens,
+            match_tokens=match_tokens, selections=external,
             decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device), baseline=baseline,
             progress=not quiet, overwrite=overwrite)
     typer.echo((out / "compare.md").read_text(encoding="utf-8"))

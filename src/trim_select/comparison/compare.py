@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,8 +42,7 @@ from ..evaluation.lm_eval_tasks import lm_eval_correct, subset_task_folder
 from ..evaluation.runner import evaluate_reference, evaluation_recipe, load_finetuned, train_and_evaluate
 from ..evaluation.stats import write_rows
 from ..evaluation.tasks import Task, load_task
-from ..io import atomic_path, check_unchanged, write_json
-from ..io import file_identity as _identity
+from ..io import atomic_path, file_identity, write_json
 from ..locking import folder_lock
 from ..models import resolve_model_path
 from .rows import model_rows
@@ -51,9 +50,10 @@ from .selections import (
     TRIM_METHODS,
     TRIM_VARIANTS,
     WARMUP_METHODS,
-    mark_selection_done,
+    external_selection,
     ranking_of,
-    selection_state,
+    run_selection,
+    selection_cost,
     shared_warmup,
     training_rows,
     trim_selections,
@@ -70,44 +70,6 @@ def available_methods() -> list[str]:
     from ..baselines import BASELINES
 
     return [*TRIM_METHODS, *TRIM_VARIANTS, *sorted(BASELINES)]
-
-
-def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_dir: str | Path, *, seed: int,
-                  selection_model: str, runtime: RuntimeConfig, progress: bool = True,
-                  overwrite: bool = False) -> dict[str, Any]:
-    """One baseline selection (skipped when ``out_dir`` holds it with the same settings); its run.json.
-
-    Its key holds the pool's and targets' content digests, so a changed file is never reused; an
-    earlier selection there from a file that changed since is refused unless ``overwrite``."""
-    from ..baselines import BaselineConfig, run_baseline
-
-    out = Path(out_dir)
-    targets = Path(task.path) / "val.jsonl"
-    if not targets.exists():
-        raise FileNotFoundError(f"{targets}: a task folder needs val.jsonl (the target set) for selection")
-    key = config_hash(runtime, {"method": method, "pool": _identity(pool), "targets": _identity(targets),
-                                "budget": budget, "seed": seed, "model": selection_model})
-    state = selection_state(out, key, [out / "coreset.jsonl", out / "run.json"])
-    if state == "done":
-        return json.loads((out / "run.json").read_text())
-    if state == "stale":
-        prev = json.loads((out / "run.json").read_text())
-        check_unchanged({"pool": prev.get("pool"), "targets": prev.get("targets")},
-                        {"pool": _identity(pool), "targets": _identity(targets)}, out, overwrite=overwrite)
-    report = run_baseline(method, pool, targets, out, budget,
-                          config=BaselineConfig(seed=seed, model=selection_model, runtime=runtime),
-                          progress=progress, overwrite=True)
-    mark_selection_done(out, key, method=method, seed=seed)
-    return report
-
-
-def selection_cost(report: dict[str, Any]) -> dict[str, Any]:
-    """Seconds and forward/backward passes of a selection, from its run.json ``cost`` section; a
-    selection resumed from finished Stage II parts counts the seconds those parts recorded."""
-    c = report["cost"]
-    seconds = max(c.get("wall_seconds") or 0.0, c.get("stage2_seconds_all_runs") or 0.0)
-    return {"seconds": seconds, "forward_passes": c.get("forward_passes"),
-            "backward_passes": c.get("backward_passes"), "tokens": c.get("tokens")}
 
 
 def coreset_profile(records: Sequence[Record], lengths: Sequence[int]) -> dict[str, Any]:
@@ -155,6 +117,7 @@ def compare(
     lm_eval_batch_size: int = 8,
     match_tokens: str | None = None,
     decontaminate: bool = False,
+    selections: Mapping[str, str | Path] | None = None,
     runtime: RuntimeConfig | None = None,
     baseline: bool = True,
     progress: bool = True,
@@ -171,7 +134,7 @@ def compare(
         run = _Compare(tasks, pool, budget, methods, out_dir, seeds=seeds, model=model,
                        selection_model=selection_model, recipe=recipe, config=config,
                        lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
-                       match_tokens=match_tokens, decontaminate=decontaminate,
+                       match_tokens=match_tokens, decontaminate=decontaminate, selections=selections or {},
                        runtime=runtime, baseline=baseline, progress=progress, overwrite=overwrite)
         return run.execute()
 
@@ -183,15 +146,21 @@ class _Compare:
                  out_dir: str | Path, **kw: Any):
         known = available_methods()
         unknown = [m for m in methods if trim_variant(m) is None and (m not in known or m in TRIM_VARIANTS)]
-        if unknown or not methods:
+        self.external = {str(k): Path(v) for k, v in kw["selections"].items()}
+        if unknown or not (methods or self.external):
             raise ValueError(f"unknown methods {unknown}; expected some of {known}" if unknown
                              else "give at least one method")
+        clash = sorted(set(self.external) & ({*known, *methods} | {BASE}) or
+                       {n for n in self.external if trim_variant(n) is not None or "@" in n})
+        if clash:
+            raise ValueError(f"external selection names {clash} clash with method names; rename them")
         seeds = kw["seeds"]
         self.seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
         if not self.seeds:
             raise ValueError("compare needs at least one seed")
+        methods = [*methods, *self.external]
         if kw["match_tokens"] is not None and kw["match_tokens"] not in methods:
-            raise ValueError(f"--match-tokens {kw['match_tokens']!r} is not among the methods {list(methods)}")
+            raise ValueError(f"--match-tokens {kw['match_tokens']!r} is not among the methods {methods}")
         self.tasks = [load_task(t) for t in tasks]
         if len({t.name for t in self.tasks}) != len(self.tasks):
             raise ValueError("two task folders share a name; their results would collide")
@@ -213,7 +182,7 @@ class _Compare:
         from transformers import AutoTokenizer
 
         self.out.mkdir(parents=True, exist_ok=True)
-        self.pool_identity = _identity(self.pool)
+        self.pool_identity = file_identity(self.pool)
         self.records = list(read_records(self.pool))
         tok = AutoTokenizer.from_pretrained(resolve_model_path(self.model), local_files_only=True)
         renderer = Renderer(tok, RenderConfig(max_length=1 << 30))
@@ -229,6 +198,11 @@ class _Compare:
             warm = shared_warmup(self.pool, self.out / "warmup", self.selection_model, progress=self.progress,
                                  overwrite=self.overwrite)
         for method in self.methods:
+            if method in self.external:
+                for task in self.tasks:
+                    dirs[task.name][method] = [external_selection(self.external[method], task.name,
+                                                                  len(self.tasks))]
+                continue
             if method in TRIM_METHODS:
                 spec = self.selection_model if method == "trim" else str(warm / "final")  # type: ignore[operator]
                 found = trim_selections(self.tasks, self.pool, self.budget, self.out / "select" / method,
@@ -373,10 +347,12 @@ class _Compare:
             for label, by_seed in by_label.items():
                 first = by_seed[self.seeds[0]]
                 folders = dirs[name][label.split("@")[0]]
-                reports = [json.loads((d / "run.json").read_text()) for d in folders]
-                cost = {k: float(np.mean([selection_cost(r)[k] or 0 for r in reports]))
+                reports = [json.loads((d / "run.json").read_text()) for d in folders if (d / "run.json").exists()]
+                cost = {k: float(np.mean([selection_cost(r)[k] or 0 for r in reports])) if reports else None
                         for k in ("seconds", "forward_passes", "backward_passes", "tokens")}
                 out[name][label] = {"train": first.info, "cost": cost, "selections": [str(d) for d in folders],
+                                    **({"scores": file_identity(folders[0] / "scores.parquet")}
+                                       if label in self.external else {}),
                                     "profile": coreset_profile(first.records(self.records),
                                                                self.tokens[first.positions])}
         return out

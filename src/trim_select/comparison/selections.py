@@ -13,6 +13,10 @@ every task, the baselines, and the fairness controls applied to each coreset.
   ``GENERIC_ROWS`` rows (the ablation's), fingerprints and states from hidden layer N; like ``trim``,
   all tasks in one pool pass per variant (``OUT/select/<method>/<task>/``).
 - baselines: :func:`trim_select.baselines.run_baseline`, one folder per (task, method[, seed]).
+- external selections (``compare --selection NAME=DIR``): a ranking made elsewhere, e.g. by
+  ``trim-select select`` with other options or by a script of a peer method, read from
+  ``DIR/<task>/scores.parquet`` (``DIR/scores.parquet`` when the run has one task;
+  :func:`external_selection`), with the ``index``/``score`` columns ``select`` writes.
 
 Controls (:func:`training_rows`), applied to every method alike, in this order:
 
@@ -42,7 +46,7 @@ from ..data import Record
 from ..engines.multi import run_many_in_process
 from ..evaluation.controls import fill_to_budget, prefix_for_tokens
 from ..evaluation.tasks import Task
-from ..io import file_identity, write_json
+from ..io import check_unchanged, file_identity, write_json
 from ..locking import folder_lock
 from ..pipeline import PipelineConfig, run_warmup
 from ..selection import parse_budget, rank
@@ -130,6 +134,44 @@ def _configs_key(fingerprint: FingerprintConfig | None, scoring: ScoreConfig | N
     return {"configs": [key_dict(fingerprint or FingerprintConfig()), key_dict(scoring or ScoreConfig())]}
 
 
+def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_dir: str | Path, *, seed: int,
+                  selection_model: str, runtime: RuntimeConfig, progress: bool = True,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """One baseline selection (skipped when ``out_dir`` holds it with the same settings); its run.json.
+
+    Its key holds the pool's and targets' content digests, so a changed file is never reused; an
+    earlier selection there from a file that changed since is refused unless ``overwrite``."""
+    from ..baselines import BaselineConfig, run_baseline
+
+    out = Path(out_dir)
+    targets = Path(task.path) / "val.jsonl"
+    if not targets.exists():
+        raise FileNotFoundError(f"{targets}: a task folder needs val.jsonl (the target set) for selection")
+    key = config_hash(runtime, {"method": method, "pool": file_identity(pool), "targets": file_identity(targets),
+                                "budget": budget, "seed": seed, "model": selection_model})
+    state = selection_state(out, key, [out / "coreset.jsonl", out / "run.json"])
+    if state == "done":
+        return json.loads((out / "run.json").read_text())
+    if state == "stale":
+        prev = json.loads((out / "run.json").read_text())
+        check_unchanged({"pool": prev.get("pool"), "targets": prev.get("targets")},
+                        {"pool": file_identity(pool), "targets": file_identity(targets)}, out, overwrite=overwrite)
+    report = run_baseline(method, pool, targets, out, budget,
+                          config=BaselineConfig(seed=seed, model=selection_model, runtime=runtime),
+                          progress=progress, overwrite=True)
+    mark_selection_done(out, key, method=method, seed=seed)
+    return report
+
+
+def selection_cost(report: dict[str, Any]) -> dict[str, Any]:
+    """Seconds and forward/backward passes of a selection, from its run.json ``cost`` section; a
+    selection resumed from finished Stage II parts counts the seconds those parts recorded."""
+    c = report["cost"]
+    seconds = max(c.get("wall_seconds") or 0.0, c.get("stage2_seconds_all_runs") or 0.0)
+    return {"seconds": seconds, "forward_passes": c.get("forward_passes"),
+            "backward_passes": c.get("backward_passes"), "tokens": c.get("tokens")}
+
+
 @dataclass(frozen=True)
 class TrainingRows:
     """What one method trains on for one task after the controls, and how it got there."""
@@ -139,6 +181,16 @@ class TrainingRows:
 
     def records(self, pool_records: Sequence[Record]) -> list[Record]:
         return [pool_records[int(i)] for i in self.positions]
+
+
+def external_selection(folder: str | Path, task: str, n_tasks: int) -> Path:
+    """The folder holding ``task``'s ``scores.parquet`` inside an external selection ``folder``."""
+    base = Path(folder)
+    for d in (base / task, *([base] if n_tasks == 1 else [])):
+        if (d / "scores.parquet").exists():
+            return d
+    raise FileNotFoundError(f"{base}: an external selection needs {base / task / 'scores.parquet'}"
+                            + (f" (or {base / 'scores.parquet'})" if n_tasks == 1 else ""))
 
 
 def ranking_of(sel_dir: str | Path, n_pool: int) -> tuple[np.ndarray, np.ndarray]:

@@ -97,13 +97,18 @@ def task_markdown(name: str, t: Mapping[str, Any]) -> list[str]:
                      f"{_num(v.get('correct'), 1, 100)} | {_num(v.get('lm_eval_correct'), 1, 100)} | – | – | – |")
     for metric, pairs in t["paired"]["pairs"].items():
         better = "a better when < 0" if metric == "answer_nll" else "a better when > 0"
-        lines += ["", f"Paired differences, {metric} ({better}; `*`: the 95% interval excludes 0):", "",
-                  "| a | b | mean(a - b) | 95% CI | rows | |", "|---|---|---:|---|---:|---|"]
+        lines += ["", f"Paired differences, {metric} ({better}; `*`: the 95% interval over test rows excludes 0; "
+                  "per seed: the mean difference of each seed alone, whose spread the interval does not "
+                  "include):", "",
+                  "| a | b | mean(a - b) | 95% CI | rows | | per seed | seeds agree |",
+                  "|---|---|---:|---|---:|---|---|---|"]
         scale = 1.0 if metric == "answer_nll" else 100.0
         for r in pairs:
+            per_seed = ", ".join(f"{v * scale:+.4f}" for v in r.get("per_seed", {}).values()) or "–"
+            agree = "–" if len(r.get("per_seed", {})) < 2 else ("yes" if r["seeds_agree"] else "no")
             lines.append(f"| {r['a']} | {r['b']} | {r['mean_diff'] * scale:+.4f} | "
                          f"[{r['low'] * scale:+.4f}, {r['high'] * scale:+.4f}] | {r['n']} | "
-                         f"{'*' if r['excludes_zero'] else ''} |")
+                         f"{'*' if r['excludes_zero'] else ''} | {per_seed} | {agree} |")
     return lines
 
 

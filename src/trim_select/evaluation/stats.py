@@ -10,6 +10,11 @@ with a 95% paired bootstrap interval: ``B`` resamples of the ``n`` row indices w
 (``numpy.random.default_rng(seed)``), the same indices for both methods, the mean difference of
 each resample, and its 2.5% / 97.5% percentiles. A difference is *significant* when the interval
 excludes 0. Rows are matched by id; a row missing for one method is an error, never dropped.
+
+The row bootstrap does not see fine-tuning seed variance (seeds are averaged before it), so each
+pair also carries its mean difference per seed (``per_seed``; a seedless method such as the untuned
+base is paired with every seed of the other) and whether every seed's difference has the sign of
+the mean (``seeds_agree``): a significant difference whose seeds disagree is not a ranking.
 """
 
 from __future__ import annotations
@@ -110,7 +115,27 @@ def pairwise(rows: Sequence[Mapping[str, Any]], metric: str,
         ids = sorted(ids_a)
         xa = np.array([table[a][i] for i in ids])
         xb = np.array([table[b][i] for i in ids])
-        out.append({"metric": metric, "a": a, "b": b, **paired_bootstrap(xa, xb, config)})
+        res = paired_bootstrap(xa, xb, config)
+        per_seed = per_seed_differences(rows, metric, a, b)
+        signs = {np.sign(v) for v in per_seed.values()}
+        out.append({"metric": metric, "a": a, "b": b, **res, "per_seed": per_seed,
+                    "seeds_agree": bool(per_seed) and signs == {np.sign(res["mean_diff"])}})
+    return out
+
+
+def per_seed_differences(rows: Sequence[Mapping[str, Any]], metric: str, a: str, b: str) -> dict[str, float]:
+    """``{seed: mean over rows of x_a - x_b}`` for each seed both methods have; a
+    seedless method (the untuned base, seed ``"-"``) is paired with each seed of the other."""
+    by: dict[str, dict[str, dict[str, float]]] = {a: {}, b: {}}
+    for row in rows:
+        if row["method"] in by and row.get(metric) is not None:
+            by[row["method"]].setdefault(str(row["seed"]), {})[str(row["id"])] = float(row[metric])
+    sa, sb = by[a], by[b]
+    out: dict[str, float] = {}
+    for seed in sorted((set(sa) | set(sb)) - {"-"}) or ["-"]:
+        x, y = sa.get(seed, sa.get("-")), sb.get(seed, sb.get("-"))
+        if x is not None and y is not None:
+            out[seed] = float(np.mean([x[i] - y[i] for i in x]))
     return out
 
 
