@@ -329,13 +329,13 @@ def write_scores(root: Path, scores: dict, pool, names: list[str]) -> None:
     known = {v for v, _ in scores}
     if set(names) - known:
         raise SystemExit(f"unknown variants {sorted(set(names) - known)}; known: {sorted(known)}")
+    index, ids = np.array([r.index for r in pool], dtype=np.int64), [str(r.id) for r in pool]
     for (variant, task), s in scores.items():
         if names and variant not in names:
             continue
         d = root / variant / task
         d.mkdir(parents=True, exist_ok=True)
-        table = pa.table({"index": np.array([r.index for r in pool], dtype=np.int64), "id": [str(r.id) for r in pool],
-                          "score": np.asarray(s, dtype=np.float64)})
+        table = pa.table({"index": index, "id": ids, "score": np.asarray(s, dtype=np.float64)})
         pq.write_table(table, d / "scores.parquet.tmp")
         os.replace(d / "scores.parquet.tmp", d / "scores.parquet")
         print(f"wrote {d / 'scores.parquet'}")

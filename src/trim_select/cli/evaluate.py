@@ -179,12 +179,12 @@ def compare_cmd(
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     external = {}
     for item in selection or []:
-        name, sep, folder = item.partition("=")
-        if not (sep and name.strip() and folder.strip()):
+        name, sep, folder = (part.strip() for part in item.partition("="))
+        if not (sep and name and folder):
             raise typer.BadParameter(f"--selection {item!r}: expected NAME=DIR")
-        if name.strip() in external:
-            raise typer.BadParameter(f"--selection {name.strip()!r} given twice")
-        external[name.strip()] = Path(folder.strip())
+        if name in external:
+            raise typer.BadParameter(f"--selection {name!r} given twice")
+        external[name] = Path(folder)
     compare(task, pool, budget, method_list, out, seeds=seeds, model=model, selection_model=selection_model,
             recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
             match_tokens=match_tokens, selections=external,

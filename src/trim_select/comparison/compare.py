@@ -150,8 +150,8 @@ class _Compare:
         if unknown or not (methods or self.external):
             raise ValueError(f"unknown methods {unknown}; expected some of {known}" if unknown
                              else "give at least one method")
-        clash = sorted(set(self.external) & ({*known, *methods} | {BASE}) or
-                       {n for n in self.external if trim_variant(n) is not None or "@" in n})
+        clash = sorted(set(self.external) & {*known, *methods, BASE}
+                       | {n for n in self.external if trim_variant(n) is not None or "@" in n})
         if clash:
             raise ValueError(f"external selection names {clash} clash with method names; rename them")
         seeds = kw["seeds"]
@@ -347,7 +347,8 @@ class _Compare:
             for label, by_seed in by_label.items():
                 first = by_seed[self.seeds[0]]
                 folders = dirs[name][label.split("@")[0]]
-                reports = [json.loads((d / "run.json").read_text()) for d in folders if (d / "run.json").exists()]
+                reports = [json.loads((d / "run.json").read_text()) for d in folders  # external: optional
+                           if label not in self.external or (d / "run.json").exists()]
                 cost = {k: float(np.mean([selection_cost(r)[k] or 0 for r in reports])) if reports else None
                         for k in ("seconds", "forward_passes", "backward_passes", "tokens")}
                 out[name][label] = {"train": first.info, "cost": cost, "selections": [str(d) for d in folders],

@@ -105,6 +105,7 @@ def pairwise(rows: Sequence[Mapping[str, Any]], metric: str,
     a positive one.
     """
     table = seed_averaged(rows, metric)
+    by_seed = per_seed_values(rows, metric)
     methods = sorted(table)
     out: list[dict[str, Any]] = []
     for a, b in combinations(methods, 2):
@@ -116,23 +117,30 @@ def pairwise(rows: Sequence[Mapping[str, Any]], metric: str,
         xa = np.array([table[a][i] for i in ids])
         xb = np.array([table[b][i] for i in ids])
         res = paired_bootstrap(xa, xb, config)
-        per_seed = per_seed_differences(rows, metric, a, b)
+        per_seed = per_seed_differences(by_seed[a], by_seed[b])
         signs = {np.sign(v) for v in per_seed.values()}
         out.append({"metric": metric, "a": a, "b": b, **res, "per_seed": per_seed,
                     "seeds_agree": bool(per_seed) and signs == {np.sign(res["mean_diff"])}})
     return out
 
 
-def per_seed_differences(rows: Sequence[Mapping[str, Any]], metric: str, a: str, b: str) -> dict[str, float]:
-    """``{seed: mean over rows of x_a - x_b}`` for each seed both methods have; a
-    seedless method (the untuned base, seed ``"-"``) is paired with each seed of the other."""
-    by: dict[str, dict[str, dict[str, float]]] = {a: {}, b: {}}
+def per_seed_values(rows: Sequence[Mapping[str, Any]], metric: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {seed: {row id: metric}}}`` (seeds as strings; the untuned base's is ``"-"``)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
-        if row["method"] in by and row.get(metric) is not None:
-            by[row["method"]].setdefault(str(row["seed"]), {})[str(row["id"])] = float(row[metric])
-    sa, sb = by[a], by[b]
+        if row.get(metric) is not None:
+            out.setdefault(str(row["method"]), {}).setdefault(str(row["seed"]), {})[str(row["id"])] = float(row[metric])
+    return out
+
+
+def per_seed_differences(sa: Mapping[str, Mapping[str, float]], sb: Mapping[str, Mapping[str, float]]
+                         ) -> dict[str, float]:
+    """``{seed: mean over rows of x_a - x_b}`` for each seed both methods have (numeric order), from
+    two methods' :func:`per_seed_values`; a seedless method (the untuned base, seed ``"-"``) is paired
+    with each seed of the other."""
+    seeds = sorted((set(sa) | set(sb)) - {"-"}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
     out: dict[str, float] = {}
-    for seed in sorted((set(sa) | set(sb)) - {"-"}) or ["-"]:
+    for seed in seeds or ["-"]:
         x, y = sa.get(seed, sa.get("-")), sb.get(seed, sb.get("-"))
         if x is not None and y is not None:
             out[seed] = float(np.mean([x[i] - y[i] for i in x]))
