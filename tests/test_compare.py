@@ -138,15 +138,16 @@ def test_fill_up_gives_a_filtered_method_the_full_budget_from_its_next_rows(tmp_
     assert matched.positions.tolist() == [2]  # 30 tokens is closer to 35 than 30 + 50
 
 
-def test_paired_uses_only_the_seeds_every_method_finished():
+def test_each_pair_is_paired_over_the_seeds_both_of_its_methods_finished():
     rows = [{"method": m, "seed": s, "id": f"r{i}", "answer_nll": 1.0 + i + (0.5 if m == "b" else 0.0) + s,
              "correct": None, "lm_eval_correct": None}
-            for m, seeds in (("a", [0, 1]), ("b", [0])) for s in seeds for i in range(5)]
+            for m, seeds in (("a", [0, 1]), ("b", [0]), ("c", [0, 1])) for s in seeds for i in range(5)]
     out = paired(rows)
-    assert out["seeds"] == [0]
-    (pair,) = out["pairs"]["answer_nll"]
-    assert (pair["a"], pair["b"]) == ("a", "b") and pair["mean_diff"] == pytest.approx(-0.5)
-    assert pair["excludes_zero"] and "correct" not in out["pairs"]
+    assert out["seeds"] == [0]  # finished by every method
+    pairs = {(p["a"], p["b"]): p for p in out["pairs"]["answer_nll"]}
+    assert pairs[("a", "b")]["seeds"] == [0] and pairs[("a", "b")]["mean_diff"] == pytest.approx(-0.5)
+    assert pairs[("a", "c")]["seeds"] == [0, 1] and list(pairs[("a", "c")]["per_seed"]) == ["0", "1"]
+    assert pairs[("a", "b")]["excludes_zero"] and "correct" not in out["pairs"]
 
 
 def test_trim_variants_get_one_pool_pass_each_and_paired_rows_against_trim(tmp_path, setup):

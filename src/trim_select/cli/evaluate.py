@@ -130,6 +130,19 @@ def _lm_eval(tasks: list[str], include: Path | None, out: Path, *, model: str, b
     (out / "lm_eval.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
 
 
+def _external_selections(items: list[str]) -> dict[str, Path]:
+    """``--selection NAME=DIR`` items as ``{NAME: DIR}`` (each name once)."""
+    external: dict[str, Path] = {}
+    for item in items:
+        name, sep, folder = (part.strip() for part in item.partition("="))
+        if not (sep and name and folder):
+            raise typer.BadParameter(f"--selection {item!r}: expected NAME=DIR")
+        if name in external:
+            raise typer.BadParameter(f"--selection {name!r} given twice")
+        external[name] = Path(folder)
+    return external
+
+
 @app.command("compare")
 @friendly_errors
 @with_options(SCORING, TRAINING)
@@ -144,6 +157,9 @@ def compare_cmd(
              "trim-layer-N-generic (docs/SPEC.md \"Extensions\"), and any baseline (random, bm25, dsir, rds, "
              "less; trim-warmup and LESS share one warmup, trained once).")] = "trim,bm25,random",
     seeds: Annotated[int, typer.Option("--seeds", help="Fine-tuning seeds 0..N-1 per method.")] = 3,
+    seed: Annotated[list[int] | None, typer.Option(
+        "--seed", help="Run only this seed (repeatable; replaces --seeds' 0..N-1): split a run across machines "
+                       "or sessions and join the outputs with `trim-select compare-merge`.")] = None,
     model: Model = "default",
     selection_model: Annotated[str | None, typer.Option(
         "--selection-model", help="Model that selects and is warmed up (default: --model).")] = None,
@@ -177,18 +193,32 @@ def compare_cmd(
     """
     config, recipe = _configs(options)
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    external = {}
-    for item in selection or []:
-        name, sep, folder = (part.strip() for part in item.partition("="))
-        if not (sep and name and folder):
-            raise typer.BadParameter(f"--selection {item!r}: expected NAME=DIR")
-        if name in external:
-            raise typer.BadParameter(f"--selection {name!r} given twice")
-        external[name] = Path(folder)
-    compare(task, pool, budget, method_list, out, seeds=seeds, model=model, selection_model=selection_model,
+    external = _external_selections(selection or [])
+    if seed is not None and (len(set(seed)) != len(seed) or min(seed) < 0):
+        raise typer.BadParameter(f"--seed {seed}: expected distinct seeds >= 0")
+    compare(task, pool, budget, method_list, out, seeds=seed if seed else seeds, model=model,
+            selection_model=selection_model,
             recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
             match_tokens=match_tokens, selections=external,
             decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device), baseline=baseline,
             progress=not quiet, overwrite=overwrite)
     typer.echo((out / "compare.md").read_text(encoding="utf-8"))
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)
+
+
+@app.command("compare-merge")
+@friendly_errors
+def compare_merge_cmd(
+    parts: Annotated[list[Path], typer.Argument(help="compare output folders of one experiment (>= 2).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the joined compare.json, compare.md, rows/.")],
+    tolerance: Annotated[float, typer.Option(
+        "--tolerance", help="Largest |answer NLL difference| allowed where two parts scored the same "
+                            "(task, method, seed, row), e.g. on two machines.")] = 1e-3,
+) -> None:
+    """Join compare outputs split by --seed or --methods (same pool, tasks, recipe and settings, checked)
+    into one paired comparison."""
+    from ..comparison.merge import merge_compares
+
+    merge_compares(parts, out, tolerance=tolerance)
+    typer.echo((out / "compare.md").read_text(encoding="utf-8"))
+    console.print(f"[bold green]joined {len(parts)} parts[/] -> {out / 'compare.json'}", highlight=False)

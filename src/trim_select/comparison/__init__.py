@@ -5,7 +5,8 @@
 
 Modules: :mod:`.selections` (TRIM in one pool pass for every task, the shared warmup, baselines,
 the fairness controls), :mod:`.rows` (per-row results), :mod:`.tables` (paired intervals,
-``compare.md``), :mod:`.compare` (the run).
+``compare.md``), :mod:`.compare` (the run), :mod:`.merge` (parts of one run, split by seed or
+method, joined).
 """
 
 from .compare import available_methods, compare

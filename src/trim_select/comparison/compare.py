@@ -92,6 +92,17 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
+def precision(recipe: Any, config: EvalConfig) -> dict[str, str]:
+    """What ``auto`` resolves to on this machine: the fine-tuning autocast and inference dtypes and the
+    devices (``auto`` is bf16 on a CPU with AVX512-BF16 and float32 on one without, so the recorded
+    settings alone do not say how a result was computed)."""
+    from ..models import resolve_device, resolve_dtype, resolve_train_dtype
+
+    train_dev, eval_dev = resolve_device(recipe.device), resolve_device(config.device)
+    return {"train_device": train_dev.type, "train_dtype": str(resolve_train_dtype(recipe.dtype, train_dev)),
+            "eval_device": eval_dev.type, "eval_dtype": str(resolve_dtype(config.dtype, eval_dev))}
+
+
 def _git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
@@ -174,8 +185,10 @@ class _Compare:
         self.match = kw["match_tokens"]
         self.decontaminate = kw["decontaminate"]
         self.baseline, self.progress, self.overwrite = kw["baseline"], kw["progress"], kw["overwrite"]
+        self.data_digests: dict[str, dict[str, dict[str, str]]] = {}  # task -> label -> seed -> training data
         self.t_start = time.perf_counter()
         self.git, self.machine = _git_sha(), _machine()  # recorded in every compare.json rewrite
+        self.precision = precision(self.recipe, self.config)
 
     # -- inputs --------------------------------------------------------------------------------
     def _pool(self) -> None:
@@ -188,6 +201,7 @@ class _Compare:
         renderer = Renderer(tok, RenderConfig(max_length=1 << 30))
         self.tokens = np.array([len(renderer(r)) for r in self.records], dtype=np.int64)
         self.pool_profile = coreset_profile(self.records, self.tokens)
+        self.task_ids = {t.name: file_identity(t.path) for t in self.tasks}
         self.flagged = {t.name: contaminated(self.records, [t], DecontaminationConfig()) for t in self.tasks}
 
     def _selections(self) -> dict[str, dict[str, list[Path]]]:
@@ -285,6 +299,7 @@ class _Compare:
         lm = self._lm_eval(task, res["train"]["adapter"], base / f"lm-eval-seed-{seed}.json",
                            key=self._lm_key(res["key"]))
         preds = _read_jsonl(base / "predictions" / f"seed-{seed}.jsonl")
+        self.data_digests.setdefault(task.name, {}).setdefault(label, {})[str(seed)] = res["data_digest"]
         return model_rows(task.kind, preds, method=label, seed=seed, lm_eval=lm)
 
     def _base_rows(self) -> dict[str, list[dict[str, Any]]]:
@@ -325,7 +340,7 @@ class _Compare:
             "selection_model": self.selection_model, "methods": self.methods,
             "labels": list(next(iter(profiles.values()))) if profiles else [], "seeds": self.seeds,
             "recipe": to_dict(replace(self.recipe, seed=0)), "eval_config": to_dict(self.config),
-            "lm_eval_limit": self.lm_eval_limit,
+            "lm_eval_limit": self.lm_eval_limit, "precision": self.precision,
             "controls": {"fill_to_budget": True, "decontaminate": self.decontaminate, "match_tokens": self.match},
             "pool_profile": self.pool_profile, "complete": complete, "tasks": {},
             "wall_seconds_this_run": round(time.perf_counter() - self.t_start, 3)}
@@ -361,8 +376,11 @@ class _Compare:
     def _task_entry(self, task: Task, profiles: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
                     done: dict[str, list[int]]) -> dict[str, Any]:
         n_nll = len(task.subset(self.config.limit, self.config.limit_seed))
-        methods = {label: {"seeds_done": done[label], **p} for label, p in profiles.items()}
-        return {"path": task.path, "kind": task.kind, "n_nll": n_nll, "n_test": len(task.test),
+        digests = self.data_digests.get(task.name, {})
+        methods = {label: {"seeds_done": done[label], "data_digests": digests.get(label, {}), **p}
+                   for label, p in profiles.items()}
+        return {"path": task.path, "identity": self.task_ids[task.name], "kind": task.kind, "n_nll": n_nll,
+                "n_test": len(task.test),
                 "n_lm_eval": min(self.lm_eval_limit, n_nll), "shots": self.config.shots_for(task),
                 "limit_seed": self.config.limit_seed, "decontamination": {"flagged": self.flagged[task.name]},
                 "methods": methods, "means": method_means(rows), "paired": paired(rows)}

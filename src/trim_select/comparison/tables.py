@@ -11,6 +11,7 @@ interval below 0 means ``a`` is significantly better; for ``correct`` it is the 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -22,28 +23,44 @@ BASE = "base"
 KEY_SOURCE: dict[str, str] = {"gsm": "cot"}  # the pool source that is in-domain for a task
 
 
-def common_seeds(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """Seeds finished by every method that has any (``base`` excluded)."""
+def seeds_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, set[Any]]:
+    """``{method: seeds it has rows for}`` (``base``, seedless, excluded)."""
     seeds: dict[str, set[Any]] = {}
     for r in rows:
         if r["method"] != BASE:
             seeds.setdefault(r["method"], set()).add(r["seed"])
-    if not seeds:
-        return []
-    return sorted(set.intersection(*seeds.values()))
+    return seeds
+
+
+def common_seeds(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Seeds finished by every method that has any (``base`` excluded)."""
+    seeds = seeds_of(rows)
+    return sorted(set.intersection(*seeds.values())) if seeds else []
 
 
 def paired(rows: Sequence[Mapping[str, Any]], config: BootstrapConfig | None = None) -> dict[str, Any]:
-    """Every pair of methods on every metric the rows carry, over the common seeds."""
+    """Every pair of methods on every metric the rows carry, each pair over the seeds *both* finished
+    (``seeds`` per pair; ``base`` pairs with all of the other's), so a method with more seeds is not cut
+    back to the slowest method's. ``seeds`` at the top: those every method finished."""
     config = config if config is not None else BootstrapConfig()
-    seeds = common_seeds(rows)
-    use = [r for r in rows if r["method"] == BASE or r["seed"] in seeds]
-    out: dict[str, Any] = {"seeds": seeds, "pairs": {}}
+    have_seeds = seeds_of(rows)
+    out: dict[str, Any] = {"seeds": common_seeds(rows), "pairs": {}}
     for metric in PAIRED_METRICS:
-        have = [r for r in use if r.get(metric) is not None]
-        if len({r["method"] for r in have}) < 2:
+        have = [r for r in rows if r.get(metric) is not None]
+        by_method: dict[str, list[Mapping[str, Any]]] = {}
+        for r in have:
+            by_method.setdefault(str(r["method"]), []).append(r)
+        if len(by_method) < 2:
             continue
-        out["pairs"][metric] = pairwise(have, metric, config)
+        results = []
+        for a, b in combinations(sorted(by_method), 2):
+            both = [have_seeds[m] for m in (a, b) if m in have_seeds]
+            seeds = set.intersection(*both) if both else set()
+            use = [r for m in (a, b) for r in by_method[m] if r["method"] == BASE or r["seed"] in seeds]
+            if {str(r["method"]) for r in use} != {a, b}:
+                continue  # the two share no seed
+            results += [{**res, "seeds": sorted(seeds)} for res in pairwise(use, metric, config)]
+        out["pairs"][metric] = results
     return out
 
 
@@ -79,7 +96,7 @@ def task_markdown(name: str, t: Mapping[str, Any]) -> list[str]:
     lines = ["", f"## {name}", "",
              f"Answer NLL and {'accuracy' if t['kind'] == 'mc' else 'exact match'} on {t['n_nll']} of "
              f"{t['n_test']} test rows ({t['shots']}-shot){lm}. Seeds finished by every method: "
-             f"{t['paired']['seeds']}.", "",
+             f"{t['paired']['seeds']}; each pair below is over the seeds both of its methods finished.", "",
              "| method | seeds | train rows | train tokens | answer NLL | acc % | lm-eval % | "
              f"{'in-domain' if key else 'top source'} | mean tokens | select s |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -100,13 +117,14 @@ def task_markdown(name: str, t: Mapping[str, Any]) -> list[str]:
         lines += ["", f"Paired differences, {metric} ({better}; `*`: the 95% interval over test rows excludes 0; "
                   "per seed: the mean difference of each seed alone, whose spread the interval does not "
                   "include):", "",
-                  "| a | b | mean(a - b) | 95% CI | rows | | per seed | seeds agree |",
-                  "|---|---|---:|---|---:|---|---|---|"]
+                  "| a | b | seeds | mean(a - b) | 95% CI | rows | | per seed | seeds agree |",
+                  "|---|---|---|---:|---|---:|---|---|---|"]
         scale = 1.0 if metric == "answer_nll" else 100.0
         for r in pairs:
             per_seed = ", ".join(f"{v * scale:+.4f}" for v in r.get("per_seed", {}).values()) or "–"
             agree = "–" if len(r.get("per_seed", {})) < 2 else ("yes" if r["seeds_agree"] else "no")
-            lines.append(f"| {r['a']} | {r['b']} | {r['mean_diff'] * scale:+.4f} | "
+            seeds = ",".join(str(x) for x in r.get("seeds", [])) or "–"
+            lines.append(f"| {r['a']} | {r['b']} | {seeds} | {r['mean_diff'] * scale:+.4f} | "
                          f"[{r['low'] * scale:+.4f}, {r['high'] * scale:+.4f}] | {r['n']} | "
                          f"{'*' if r['excludes_zero'] else ''} | {per_seed} | {agree} |")
     return lines
