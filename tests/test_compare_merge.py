@@ -73,15 +73,22 @@ def test_parts_of_different_experiments_or_disagreeing_rows_are_refused(tmp_path
         merge_compares([tmp_path / "s0"], tmp_path / "x")
 
 
-def test_the_cli_joins_parts_and_names_a_folder_that_is_not_a_compare_output(tmp_path, setup):  # noqa: F811
+def test_the_cli_runs_parts_by_seed_joins_them_and_names_a_folder_that_is_not_a_compare_output(
+        tmp_path, setup, tiny_dir):  # noqa: F811
     from typer.testing import CliRunner
 
     from trim_select.cli import app
 
-    dirs, pool, kw = setup
-    kw = {k: v for k, v in kw.items() if k != "seeds"}
-    for s in (0, 1):
-        compare(dirs[:1], pool, "4", ["bm25"], tmp_path / f"s{s}", seeds=[s], baseline=s == 0, **kw)
+    dirs, pool, _ = setup
+    common = ["compare", "--task", str(dirs[0]), "--pool", str(pool), "--budget", "4", "--methods", "bm25",
+              "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--train-dtype", "float32",
+              "--epochs", "1", "--batch-size", "1", "--lora-r", "4", "--lora-alpha", "8", "--no-generate",
+              "--max-new-tokens", "8", "--quiet"]
+    for s, extra in ((0, []), (1, ["--no-baseline"]), (2, ["--seed", "0"])):
+        res = CliRunner().invoke(app, [*common, "--out", str(tmp_path / f"s{s}"), "--seed", str(s % 2), *extra])
+        assert res.exit_code == (0 if s < 2 else 2), res.output
+    assert "distinct seeds" in res.output  # --seed 0 --seed 0
+    assert json.loads((tmp_path / "s1" / "compare.json").read_text())["seeds"] == [1]
     res = CliRunner().invoke(app, ["compare-merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
                                    "--out", str(tmp_path / "joined")])
     assert res.exit_code == 0, res.output

@@ -26,6 +26,7 @@ from trim_select.config import (
     ScoreConfig,
     config_hash,
     exact_spec,
+    paper_off,
     to_dict,
 )
 from trim_select.data import Renderer, load_records
@@ -117,7 +118,9 @@ def test_fingerprints_of_one_layer_are_refused_by_a_scorer_reading_another(tiny)
 
 
 def test_generic_score_is_target_score_minus_generic_score_computed_separately(tiny, files, tmp_path):
-    sel, table, report = run_select(tiny, files, tmp_path / "out", scoring=ScoreConfig(generic_rows=3))
+    last = FingerprintConfig(hidden_fraction=None)  # the reference below reads the last hidden state
+    sel, table, report = run_select(tiny, files, tmp_path / "out", scoring=ScoreConfig(generic_rows=3),
+                                    fingerprint=last)
     pool_recs = load_records(files[0])
     picked = generic_positions(len(pool_recs), 3, 0)
     assert report["generic"]["ids"] == [pool_recs[i].id for i in picked]
@@ -200,7 +203,8 @@ def test_product_options_give_the_ablation_benchmarks_variant_scores(tiny, files
     finally:
         sys.path.remove(str(BENCHMARKS))
     variant = Variant("generic", norm="generic") if name == "generic" else Variant("layer-2", layer=2)
-    configs = ({"scoring": ScoreConfig(generic_rows=3)} if name == "generic"
+    configs = ({"scoring": ScoreConfig(generic_rows=3), "fingerprint": FingerprintConfig(hidden_fraction=None)}
+               if name == "generic"
                else {"fingerprint": FingerprintConfig(hidden_layer=2)})
     _, table, _ = run_select(tiny, files, tmp_path / "out", **configs)
     ref = ablation_scores(tiny, files, tmp_path / "cache", variant)
@@ -213,19 +217,45 @@ def test_product_options_give_the_ablation_benchmarks_variant_scores(tiny, files
 
 
 def test_extensions_left_off_keep_every_earlier_key_and_switched_on_change_them(tiny, files):
-    old_fields = {k: v for k, v in to_dict(FingerprintConfig()).items() if k != "hidden_layer"}
+    paper = paper_off(FingerprintConfig())  # every extension off: the key from before they existed
+    old_fields = {k: v for k, v in to_dict(paper).items() if k not in {"hidden_layer", "hidden_fraction"}}
     payload = json.dumps([old_fields], sort_keys=True)
-    assert config_hash(FingerprintConfig()) == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert config_hash(paper) == hashlib.sha256(payload.encode()).hexdigest()[:16]
+    assert config_hash(FingerprintConfig()) != config_hash(paper)  # the default's layer fraction is in its key
     assert len({config_hash(ScoreConfig()), config_hash(ScoreConfig(generic_rows=2)),
                 config_hash(ScoreConfig(generic_rows=2, generic_seed=1))}) == 3
     pool, targets = files
     keys = set()
-    for fpc in (FingerprintConfig(), FingerprintConfig(hidden_layer=1), FingerprintConfig(hidden_layer=2)):
+    for fpc in (paper, FingerprintConfig(hidden_layer=1), FingerprintConfig(hidden_layer=2)):
         sel = TrimSelector(tiny, fingerprint=fpc, runtime=RUNTIME, progress=False)
         keys.add(sel.stage1_key(targets))
         sel.fit(targets)
         keys.add(sel.scores_key(pool))
     assert len(keys) == 6
+
+
+def test_a_depth_fraction_names_the_layer_at_that_fraction_of_each_model():
+    two_thirds = FingerprintConfig(hidden_fraction=2 / 3)
+    assert [two_thirds.layer_for(n) for n in (30, 18, 3, 2)] == [20, 12, 2, 1]  # SmolLM2-135M, Gemma-3-270M
+    assert FingerprintConfig(hidden_fraction=0.9).layer_for(3) is None  # rounds to the last layer: the last state
+    assert FingerprintConfig(hidden_fraction=1.0).layer_for(30) is None  # 1: the paper's last hidden state
+    assert FingerprintConfig(hidden_fraction=0.5, hidden_layer=1).layer_for(30) == 1  # an explicit layer wins
+    assert FingerprintConfig(hidden_fraction=None).layer_for(30) is None
+    assert FingerprintConfig().layer_for(30) == 20  # the default (docs/SPEC.md "Extensions")
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match="hidden_fraction must be in"):
+            FingerprintConfig(hidden_fraction=bad)
+
+
+def test_a_depth_fraction_selects_exactly_as_the_layer_it_resolves_to(tiny, files, tmp_path):
+    n = int(tiny.model.config.num_hidden_layers)
+    frac = FingerprintConfig(hidden_fraction=1.4 / n)  # rounds to layer 1
+    sel, a, report = run_select(tiny, files, tmp_path / "frac", fingerprint=frac)
+    assert sel.hidden_layer == 1 and report["fingerprints"]["hidden_layer"] == 1
+    _, b, _ = run_select(tiny, files, tmp_path / "layer", fingerprint=FingerprintConfig(hidden_layer=1))
+    np.testing.assert_array_equal(a.column("score").to_numpy(), b.column("score").to_numpy())
+    _, c, _ = run_select(tiny, files, tmp_path / "last")
+    assert not np.array_equal(a.column("score").to_numpy(), c.column("score").to_numpy())
 
 
 def test_hidden_layer_runs_resume_from_their_own_fingerprints_only(tiny, files, tmp_path):
@@ -244,7 +274,8 @@ def test_hidden_layer_runs_resume_from_their_own_fingerprints_only(tiny, files, 
 def test_exact_spec_scores_template_tokens_and_matches_the_float64_oracle(tiny, model64):
     render_c, fpc, scoring, runtime = build_configs(exact_spec=True, device="cpu", dtype="float32")
     assert render_c.score_template and render_c.scope == "all" and not scoring.idf
-    assert (fpc, scoring) == (FingerprintConfig(), ScoreConfig())
+    assert (fpc, scoring) == (paper_off(FingerprintConfig()), paper_off(ScoreConfig()))
+    assert fpc.layer_for(30) is None  # the default's intermediate layer is switched off, not refused
     sel = TrimSelector(tiny, render=render_c, fingerprint=dataclasses.replace(fpc, layers=2), scoring=scoring,
                        runtime=runtime, progress=False)
     sel.fit(TARGETS)
@@ -255,11 +286,12 @@ def test_exact_spec_scores_template_tokens_and_matches_the_float64_oracle(tiny, 
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("bad", [{"idf": True}, {"hidden_layer": 2}, {"generic_rows": 4}])
+@pytest.mark.parametrize("bad", [{"idf": True}, {"hidden_layer": 2}, {"hidden_fraction": 0.5}, {"generic_rows": 4}])
 def test_exact_spec_refuses_any_extension(bad):
     with pytest.raises(ValueError, match="--exact-spec reproduces the paper"):
-        exact_spec(RenderConfig(), FingerprintConfig(**{k: v for k, v in bad.items() if k == "hidden_layer"}),
-                   ScoreConfig(**{k: v for k, v in bad.items() if k != "hidden_layer"}))
+        fp_fields = {"hidden_layer", "hidden_fraction"}
+        exact_spec(RenderConfig(), FingerprintConfig(**{k: v for k, v in bad.items() if k in fp_fields}),
+                   ScoreConfig(**{k: v for k, v in bad.items() if k not in fp_fields}))
 
 
 def test_exact_spec_flag_on_the_cli(tiny_dir, files, tmp_path):

@@ -19,13 +19,26 @@ SCOPES: tuple[str, ...] = ("all", "prompt", "response")
 WARMUP_FRACTION = 0.05  # gamma: share of the pool the warmup trains on (SPEC "Warmup"; Table 7)
 
 
-def documented(default: Any, doc: str, *, extension: bool = False) -> Any:
+def documented(default: Any, doc: str, *, extension: bool = False, off: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its default and its documentation, both written once: the CLI builds
     each option's ``--help`` from ``doc`` (``cli/options.py``). ``extension=True`` marks an option
     that is not in the paper and is off at ``default`` (docs/SPEC.md "Extensions"): :func:`config_hash`
     leaves it out while it is off, so results computed before it existed keep their keys (the
-    computation with the extension off is the one they did)."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "extension": extension})
+    computation with the extension off is the one they did). ``off``: the extension's paper value when
+    the default switches it on (default: ``default``, i.e. off by default)."""
+    meta = {"doc": doc, "extension": extension, "off": default if off is dataclasses.MISSING else off}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def extension_off(f: dataclasses.Field) -> Any:
+    """The value at which extension field ``f`` is off (the paper's computation)."""
+    return f.metadata.get("off", f.default)
+
+
+def paper_off(config: Any) -> Any:
+    """``config`` with every extension field at its off (paper) value."""
+    return dataclasses.replace(config, **{f.name: extension_off(f) for f in dataclasses.fields(config)
+                                          if f.metadata.get("extension")})
 
 
 def field_doc(cls: type, name: str) -> str:
@@ -62,6 +75,9 @@ class RenderConfig:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
 
 
+DEFAULT_HIDDEN_FRACTION = 0.667  # layer 20 of SmolLM2-135M's 30: docs/SPEC.md "Extensions", README "Evidence"
+
+
 @dataclass(frozen=True)
 class FingerprintConfig:
     """Stage I (Eq. 1-9)."""
@@ -74,6 +90,11 @@ class FingerprintConfig:
         None, "Extension: the hidden layer that fingerprints (Stage I) and pool states (Stage II) come from: N "
               "is the output of decoder layer N (hidden_states[N], 1 <= N < the model's layers); default: the "
               "last hidden state after the final norm, as in the paper.", extension=True)
+    hidden_fraction: float | None = documented(
+        DEFAULT_HIDDEN_FRACTION, "Extension (on by default, benchmarks/results/evidence): the hidden layer at "
+                                 "this fraction of the model's depth, round(f x layers) (e.g. 0.667: "
+              "layer 20 of SmolLM2-135M's 30, 12 of Gemma-3-270M's 18); the last hidden state when that is "
+              "the last layer (1: always, as in the paper); --hidden-layer N overrides it.", extension=True, off=None)
 
     def __post_init__(self) -> None:
         if self.layers < 1:
@@ -81,6 +102,17 @@ class FingerprintConfig:
         if self.hidden_layer is not None and self.hidden_layer < 1:
             raise ValueError(f"hidden_layer must be >= 1 (the output of decoder layer N) or unset, got "
                              f"{self.hidden_layer}")
+        if self.hidden_fraction is not None and not 0.0 < self.hidden_fraction <= 1.0:
+            raise ValueError(f"hidden_fraction must be in (0, 1] (1: the last hidden state) or unset, got "
+                             f"{self.hidden_fraction}")
+
+    def layer_for(self, n_layers: int) -> int | None:
+        """The hidden layer of an ``n_layers`` model: ``hidden_layer``, else ``round(hidden_fraction x
+        n_layers)`` (at least 1; ``None``, the last hidden state, when that is the last layer), else ``None``."""
+        if self.hidden_layer is not None or self.hidden_fraction is None:
+            return self.hidden_layer
+        n = max(1, round(self.hidden_fraction * n_layers))
+        return n if n < n_layers else None
 
 
 @dataclass(frozen=True)
@@ -141,10 +173,10 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def key_dict(obj: Any) -> dict[str, Any]:
     """The fields of a config dataclass that enter a cache key: all of them, except extensions
-    (:func:`documented`) while they are at their off default."""
+    (:func:`documented`) while they are off (at the paper's value)."""
     out = to_dict(obj)
     for f in dataclasses.fields(obj):
-        if f.metadata.get("extension") and out[f.name] == f.default:
+        if f.metadata.get("extension") and out[f.name] == extension_off(f):
             del out[f.name]
     return out
 
@@ -164,11 +196,22 @@ EXACT_SPEC_DOC = ("Reproduce the paper exactly: chat-template scaffolding scored
 def exact_spec(render: RenderConfig, fingerprint: FingerprintConfig, scoring: ScoreConfig
                ) -> tuple[RenderConfig, FingerprintConfig, ScoreConfig]:
     """The configs of the paper's method (docs/SPEC.md; ``--exact-spec``): template tokens scored and
-    every extension off; an extension that was switched on is refused, never silently dropped."""
-    on = [f"{type(c).__name__}.{f.name}={getattr(c, f.name)!r}" for c in (fingerprint, scoring)
-          for f in dataclasses.fields(c) if f.metadata.get("extension") and getattr(c, f.name) != f.default]
+    every extension off. An extension the defaults switch on is switched off; one that was set to
+    anything else is refused, never silently dropped."""
+    on, off = [], {}
+    for c in (fingerprint, scoring):
+        for f in dataclasses.fields(c):
+            value = getattr(c, f.name)
+            if not f.metadata.get("extension") or value == extension_off(f):
+                continue
+            if value == f.default:
+                off.setdefault(id(c), {})[f.name] = extension_off(f)
+            else:
+                on.append(f"{type(c).__name__}.{f.name}={value!r}")
     if scoring.idf:
         on.append("ScoreConfig.idf=True")
     if on:
         raise ValueError(f"--exact-spec reproduces the paper, which has no extensions: switch off {', '.join(on)}")
+    fingerprint = dataclasses.replace(fingerprint, **off.get(id(fingerprint), {}))
+    scoring = dataclasses.replace(scoring, **off.get(id(scoring), {}))
     return dataclasses.replace(render, score_template=True), fingerprint, scoring

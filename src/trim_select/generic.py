@@ -73,7 +73,7 @@ def resolve_generic(sel: TrimSelector, pool: str | Path, out_dir: str | Path, *,
     renderer = sel.renderer()
     fc = sel.fingerprint_config
     fp = build_fingerprints(sel.lm.model, [renderer(r) for r in recs], fc.layers, fc.row_weight, fc.col_weight,
-                            batch_tokens=sel.runtime.batch_tokens, hidden_layer=fc.hidden_layer)
+                            batch_tokens=sel.runtime.batch_tokens, hidden_layer=sel.hidden_layer)
     fp.meta.update({"generic_key": key, "generic": generic_info(sc.generic_rows, sc.generic_seed, recs),
                     "pool": file_identity(pool), "model": sel.model_identity()})
     fp.save(path)
@@ -89,10 +89,9 @@ def generic_info(rows: int, seed: int, recs: list[Record]) -> dict[str, Any]:
 def prepare_extensions(sel: TrimSelector, pool: str | Path, out_dir: str | Path, engine: str, *,
                        format: str | None = None, skip_invalid: bool = False) -> None:
     """Driver side of a scale-out run: the generic set resolved once, before any worker starts; the
-    Ray engine, whose actors build their scorers from arrays, is refused for either extension."""
-    if engine == "ray" and (sel.score_config.generic_rows or sel.fingerprint_config.hidden_layer is not None):
-        raise ValueError("--generic-rows and --hidden-layer run on the in-process and local engines for now, "
-                         "not on --engine ray")
+    Ray engine, whose actors build their scorers from arrays, is refused for the generic correction."""
+    if engine == "ray" and sel.score_config.generic_rows:
+        raise ValueError("--generic-rows runs on the in-process and local engines for now, not on --engine ray")
     resolve_generic(sel, pool, out_dir, format=format, skip_invalid=skip_invalid)
 
 

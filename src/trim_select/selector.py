@@ -117,6 +117,14 @@ class TrimSelector:
         cfg = self.render_config if scope is None else replace(self.render_config, scope=scope)
         return Renderer(self.lm.tokenizer, cfg)
 
+    @property
+    def hidden_layer(self) -> int | None:
+        """The layer fingerprints and pool states come from on this model (``FingerprintConfig.layer_for``)."""
+        fc = self.fingerprint_config
+        if fc.hidden_layer is not None or fc.hidden_fraction is None:
+            return fc.hidden_layer  # no model needed
+        return fc.layer_for(int(self.lm.model.config.num_hidden_layers))
+
     def model_identity(self) -> dict[str, Any]:
         lm = self.lm
         p = next(lm.model.parameters())
@@ -150,7 +158,7 @@ class TrimSelector:
         seqs = list(self._sequences(items, renderer))
         fc = self.fingerprint_config
         fp = build_fingerprints(self.lm.model, seqs, fc.layers, fc.row_weight, fc.col_weight,
-                                batch_tokens=self.runtime.batch_tokens, hidden_layer=fc.hidden_layer)
+                                batch_tokens=self.runtime.batch_tokens, hidden_layer=self.hidden_layer)
         fp.meta.update({"model": self.model_identity(), "render": to_dict(self.render_config),
                         "fingerprint": to_dict(fc),
                         "n_truncated_targets": int(sum(s.n_truncated > 0 for s in seqs))})
@@ -255,7 +263,7 @@ class TrimSelector:
     def make_scorer(self, idf: np.ndarray | None = None) -> Scorer:
         """The Stage II scorer for the fitted fingerprints, with this selector's score/runtime configs."""
         return make_scorer(self.lm.model, self.fingerprints, self.score_config, self.runtime, idf,
-                           hidden_layer=self.fingerprint_config.hidden_layer, generic=self.generic_fingerprints())
+                           hidden_layer=self.hidden_layer, generic=self.generic_fingerprints())
 
     def scores_key(self, pool: str | Path, *, format: str | None = None, skip_invalid: bool = False) -> str:
         """The settings key pinned in ``parts/manifest.json``: parts with another key are not mixed in."""
@@ -270,8 +278,8 @@ class TrimSelector:
         """What the extensions add to the Stage II key (nothing while they are off, so earlier keys
         stay valid): the hidden layer, and the generic fingerprints' content."""
         out: dict[str, Any] = {}
-        if self.fingerprint_config.hidden_layer is not None:
-            out["hidden_layer"] = self.fingerprint_config.hidden_layer
+        if self.hidden_layer is not None:
+            out["hidden_layer"] = self.hidden_layer
         generic = self.generic_fingerprints()
         if generic is not None:
             out["generic"] = _fp_hash(generic)

@@ -170,7 +170,7 @@ def score_cmd(
     control = pick(options, CONTROL)
     sel = make_selector(model, control.pop("quiet"), format=format, scope=meta.get("scope", RENDER.scope),
                         score_template=meta.get("score_template", RENDER.score_template),
-                        hidden_layer=fp_meta.get("hidden_layer"), **options)
+                        hidden_layer=fp_meta.get("hidden_layer"), hidden_fraction=None, **options)
     report = execute(sel, pool, out, budget, **where, fingerprints=fingerprints, format=format, **control)
     if report is not None:
         summarise(report, out)

@@ -200,7 +200,8 @@ def compare_cmd(
             selection_model=selection_model,
             recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
             match_tokens=match_tokens, selections=external,
-            decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device), baseline=baseline,
+            decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device, dtype=config.dtype),
+            baseline=baseline,
             progress=not quiet, overwrite=overwrite)
     typer.echo((out / "compare.md").read_text(encoding="utf-8"))
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)

@@ -97,7 +97,8 @@ TOKENS = [
     Opt("exact_spec", Annotated[bool, typer.Option("--exact-spec", help=EXACT_SPEC_DOC)], False),
 ]
 STAGE_I = [field_opt(FingerprintConfig, name, tp) for name, tp in
-           (("layers", int), ("row_weight", float), ("col_weight", float), ("hidden_layer", int | None))]
+           (("layers", int), ("row_weight", float), ("col_weight", float), ("hidden_layer", int | None),
+                                  ("hidden_fraction", float | None))]
 _penalty = ScoreConfig().penalty
 STAGE_II = [
     field_opt(ScoreConfig, "penalty", str, default="none" if _penalty is None else str(_penalty)),

@@ -92,15 +92,16 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
-def precision(recipe: Any, config: EvalConfig) -> dict[str, str]:
-    """What ``auto`` resolves to on this machine: the fine-tuning autocast and inference dtypes and the
-    devices (``auto`` is bf16 on a CPU with AVX512-BF16 and float32 on one without, so the recorded
+def precision(recipe: Any, config: EvalConfig, runtime: RuntimeConfig) -> dict[str, str]:
+    """What ``auto`` resolves to on this machine: the selection, fine-tuning autocast and inference dtypes
+    and devices (``auto`` is bf16 on a CPU with AVX512-BF16 and float32 on one without, so the recorded
     settings alone do not say how a result was computed)."""
     from ..models import resolve_device, resolve_dtype, resolve_train_dtype
 
-    train_dev, eval_dev = resolve_device(recipe.device), resolve_device(config.device)
+    train_dev, eval_dev, sel_dev = (resolve_device(x) for x in (recipe.device, config.device, runtime.device))
     return {"train_device": train_dev.type, "train_dtype": str(resolve_train_dtype(recipe.dtype, train_dev)),
-            "eval_device": eval_dev.type, "eval_dtype": str(resolve_dtype(config.dtype, eval_dev))}
+            "eval_device": eval_dev.type, "eval_dtype": str(resolve_dtype(config.dtype, eval_dev)),
+            "select_device": sel_dev.type, "select_dtype": str(resolve_dtype(runtime.dtype, sel_dev))}
 
 
 def _git_sha() -> str | None:
@@ -188,7 +189,7 @@ class _Compare:
         self.data_digests: dict[str, dict[str, dict[str, str]]] = {}  # task -> label -> seed -> training data
         self.t_start = time.perf_counter()
         self.git, self.machine = _git_sha(), _machine()  # recorded in every compare.json rewrite
-        self.precision = precision(self.recipe, self.config)
+        self.precision = precision(self.recipe, self.config, self.runtime)
 
     # -- inputs --------------------------------------------------------------------------------
     def _pool(self) -> None:

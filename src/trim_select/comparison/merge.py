@@ -24,8 +24,8 @@ from ..evaluation.stats import read_rows, write_rows
 from ..io import atomic_path, write_json
 from .tables import compare_markdown, method_means, paired
 
-SAME_FIELDS: tuple[str, ...] = ("budget", "model", "selection_model", "lm_eval_limit", "controls", "pool_profile",
-                                "precision")
+SAME_FIELDS: tuple[str, ...] = ("budget", "model", "selection_model", "lm_eval_limit", "controls", "pool_profile")
+REQUIRED_PRECISION: tuple[str, ...] = ("train_device", "train_dtype", "eval_device", "eval_dtype")
 MACHINE_FIELDS: tuple[str, ...] = ("dtype", "device")  # recorded as asked ("auto"); compared via "precision"
 TASK_FIELDS: tuple[str, ...] = ("kind", "n_nll", "n_test", "n_lm_eval", "shots", "limit_seed")
 STOCHASTIC_LABELS: tuple[str, ...] = ("random",)  # training data differs by seed: only digests compare
@@ -61,7 +61,7 @@ def _check_same(where: str, field: str, a: Any, b: Any) -> None:
 def _settings(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The settings two parts must share: the recipe and evaluation settings without what ``auto``
     resolves per machine, and the resolved ``precision`` (required: without it a part's dtype is unknown)."""
-    if not summary.get("precision"):
+    if any(k not in (summary.get("precision") or {}) for k in REQUIRED_PRECISION):
         raise MergeError(f"{folder}: compare.json records no 'precision' (what dtype 'auto' resolved to), so it "
                          "cannot be shown to match another part; rerun it with this version")
     strip = {k: v for k, v in summary.items() if k in ("recipe", "eval_config")}
@@ -140,6 +140,8 @@ def merge_compares(parts: Sequence[str | Path], out_dir: str | Path, *, toleranc
         where = f"{ref_dir} vs {folder}"
         _check_same(where, "pool content", ref["pool"]["xxh3_128"], summary["pool"]["xxh3_128"])
         _check_same(where, "settings", _settings(ref, ref_dir), _settings(summary, folder))
+        pa, pb = ref["precision"], summary["precision"]  # select_*: recorded since session 21 (and by both here)
+        _check_same(where, "precision", {k: pa[k] for k in set(pa) & set(pb)}, {k: pb[k] for k in set(pa) & set(pb)})
         for field in SAME_FIELDS:
             _check_same(where, field, ref.get(field), summary.get(field))
         for name in set(ref["tasks"]) & set(summary["tasks"]):

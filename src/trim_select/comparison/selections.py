@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..config import FingerprintConfig, RuntimeConfig, ScoreConfig, config_hash, key_dict
+from ..config import FingerprintConfig, RuntimeConfig, ScoreConfig, config_hash, key_dict, paper_off
 from ..data import Record
 from ..engines.multi import run_many_in_process
 from ..evaluation.controls import fill_to_budget, prefix_for_tokens
@@ -128,10 +128,13 @@ def trim_selections(tasks: Sequence[Task], pool: str | Path, budget: str, out_di
 
 
 def _configs_key(fingerprint: FingerprintConfig | None, scoring: ScoreConfig | None) -> dict[str, Any]:
-    """The variant's configs in the selection key (none for plain ``trim``, whose key predates them)."""
-    if fingerprint is None and scoring is None:
+    """The configs in the selection key: a variant's, or the defaults' once a default switches an extension
+    on (none while plain ``trim`` has every extension off: its key predates the configs)."""
+    configs = [key_dict(fingerprint or FingerprintConfig()), key_dict(scoring or ScoreConfig())]
+    if fingerprint is None and scoring is None and configs == [key_dict(paper_off(FingerprintConfig())),
+                                                               key_dict(paper_off(ScoreConfig()))]:
         return {}
-    return {"configs": [key_dict(fingerprint or FingerprintConfig()), key_dict(scoring or ScoreConfig())]}
+    return {"configs": configs}
 
 
 def run_selection(method: str, task: Task, pool: str | Path, budget: str, out_dir: str | Path, *, seed: int,

@@ -150,7 +150,7 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, dirs: Mapping[str, Path
         writers[name] = sel.score_writer(pool, dirs[name], format=format, skip_invalid=skip_invalid,
                                          overwrite=overwrite, shard=shard)
     idf = sel.pool_idf(pool, format=format, skip_invalid=skip_invalid) if sc.idf else None
-    scorer = make_scorer(sel.lm.model, dict(fps), sc, rt, idf, hidden_layer=sel.fingerprint_config.hidden_layer,
+    scorer = make_scorer(sel.lm.model, dict(fps), sc, rt, idf, hidden_layer=sel.hidden_layer,
                          generic=sel.generic_fingerprints())
     stats = ReadStats()
     rejects = [RejectWriter(d / "rejected.jsonl") for d in dirs.values()]

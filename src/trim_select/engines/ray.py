@@ -199,11 +199,13 @@ class ChunkScorer:
         if lm.sha256 != spec["model_sha256"]:
             raise RuntimeError(f"the model on this node ({lm.path}) is not the one the driver used "
                                "(weights differ): install the same model on every node")
-        fps = {name: Fingerprints(*(np.array(fp[k]) for k in ("token_ids", "vectors", "counts")), {},
+        layer = spec["hidden_layer"]  # the layer the driver's fingerprints were built at (None: the last)
+        fps = {name: Fingerprints(*(np.array(fp[k]) for k in ("token_ids", "vectors", "counts")),
+                                  {"hidden_layer": layer},
                                   None if fp.get("nearest") is None else np.array(fp["nearest"]))
                for name, fp in arrays["fingerprints"].items()}
         idf = None if arrays.get("idf") is None else np.array(arrays["idf"])
-        self.scorer = make_scorer(lm.model, fps, scoring, runtime, idf)
+        self.scorer = make_scorer(lm.model, fps, scoring, runtime, idf, hidden_layer=layer)
         self.renderer = Renderer(lm.tokenizer, render)
         # parts go through the one writer per target; a shard label keeps it off other actors' temporary files
         self.writers = {name: ScoreWriter(t["out"], t["key"], shard="ray") for name, t in spec["targets"].items()}
@@ -317,7 +319,7 @@ def score_ray(sel: TrimSelector, plans: Mapping[str, ShardPlan], dirs: Mapping[s
     if not pending:
         return info
     spec = {"model": plan.model_spec, "model_sha256": sel.lm.sha256, "render": plan.render,
-            "scoring": plan.scoring, "runtime": plan.runtime, "pool": plan.pool,
+            "scoring": plan.scoring, "runtime": plan.runtime, "pool": plan.pool, "hidden_layer": sel.hidden_layer,
             "targets": {n: {"out": str(Path(d).resolve()), "key": plans[n].key} for n, d in dirs.items()},
             "fmt": detect_pool_format(plan.pool, plan.format), "skip_invalid": plan.skip_invalid,
             "fault": FaultInjector.settings()}
