@@ -247,6 +247,15 @@ def test_a_depth_fraction_names_the_layer_at_that_fraction_of_each_model():
             FingerprintConfig(hidden_fraction=bad)
 
 
+def test_the_depth_is_asked_only_when_a_fraction_needs_it():
+    def no_depth() -> int:
+        raise AssertionError("the depth was asked")
+
+    assert FingerprintConfig(hidden_layer=4).layer_for(no_depth) == 4  # so no model needs loading
+    assert FingerprintConfig(hidden_fraction=None).layer_for(no_depth) is None
+    assert FingerprintConfig().layer_for(lambda: 30) == 20
+
+
 def test_a_depth_fraction_selects_exactly_as_the_layer_it_resolves_to(tiny, files, tmp_path):
     n = int(tiny.model.config.num_hidden_layers)
     frac = FingerprintConfig(hidden_fraction=1.4 / n)  # rounds to layer 1

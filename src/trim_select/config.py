@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -106,11 +107,14 @@ class FingerprintConfig:
             raise ValueError(f"hidden_fraction must be in (0, 1] (1: the last hidden state) or unset, got "
                              f"{self.hidden_fraction}")
 
-    def layer_for(self, n_layers: int) -> int | None:
+    def layer_for(self, n_layers: int | Callable[[], int]) -> int | None:
         """The hidden layer of an ``n_layers`` model: ``hidden_layer``, else ``round(hidden_fraction x
-        n_layers)`` (at least 1; ``None``, the last hidden state, when that is the last layer), else ``None``."""
+        n_layers)`` (at least 1; ``None``, the last hidden state, when that is the last layer), else ``None``.
+        ``n_layers`` may be a callable, asked only when the fraction needs the depth (no model load)."""
         if self.hidden_layer is not None or self.hidden_fraction is None:
             return self.hidden_layer
+        if callable(n_layers):
+            n_layers = n_layers()
         n = max(1, round(self.hidden_fraction * n_layers))
         return n if n < n_layers else None
 

@@ -120,10 +120,7 @@ class TrimSelector:
     @property
     def hidden_layer(self) -> int | None:
         """The layer fingerprints and pool states come from on this model (``FingerprintConfig.layer_for``)."""
-        fc = self.fingerprint_config
-        if fc.hidden_layer is not None or fc.hidden_fraction is None:
-            return fc.hidden_layer  # no model needed
-        return fc.layer_for(int(self.lm.model.config.num_hidden_layers))
+        return self.fingerprint_config.layer_for(lambda: int(self.lm.model.config.num_hidden_layers))
 
     def model_identity(self) -> dict[str, Any]:
         lm = self.lm
