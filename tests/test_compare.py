@@ -201,3 +201,23 @@ def test_an_external_selection_trains_on_the_rows_of_the_ranking_it_holds(tmp_pa
         compare(dirs, pool, "4", ["bm25"], tmp_path / "c2", selections={"bm25": ext}, **kw)
     with pytest.raises(FileNotFoundError, match="scores.parquet"):
         compare(dirs, pool, "4", [], tmp_path / "c3", selections={"none": tmp_path / "nowhere"}, **kw)
+
+
+def test_an_external_selection_without_run_json_gets_its_equal_token_row(tmp_path, setup):
+    import shutil
+
+    dirs, pool, kw = setup
+    kw = {**kw, "seeds": 1}
+    out = tmp_path / "cmp"
+    compare(dirs, pool, "4", ["bm25"], out, **kw)
+    ext = tmp_path / "ext"  # scores.parquet only: a ranking made elsewhere has no run.json
+    for d in dirs:
+        (ext / d.name).mkdir(parents=True)
+        shutil.copy(out / "select" / d.name / "bm25" / "scores.parquet", ext / d.name / "scores.parquet")
+    summary = compare(dirs, pool, "4", ["bm25"], tmp_path / "matched", selections={"mine": ext},
+                      match_tokens="bm25", **kw)
+    assert "mine@bm25-tokens" in summary["labels"]
+    for task in summary["tasks"].values():
+        matched, bm25 = task["methods"]["mine@bm25-tokens"], task["methods"]["bm25"]
+        assert matched["train"]["tokens"] == bm25["train"]["tokens"] and matched["cost"]["seconds"] is None
+        assert "xxh3_128" in matched["scores"]  # the identity of the ranking it was cut from

@@ -362,14 +362,15 @@ class _Compare:
             out[name] = {}
             for label, by_seed in by_label.items():
                 first = by_seed[self.seeds[0]]
-                folders = dirs[name][label.split("@")[0]]
+                method = label.split("@")[0]  # a matched-token label reads its method's selection
+                folders = dirs[name][method]
                 reports = [json.loads((d / "run.json").read_text()) for d in folders  # external: optional
-                           if label not in self.external or (d / "run.json").exists()]
+                           if method not in self.external or (d / "run.json").exists()]
                 cost = {k: float(np.mean([selection_cost(r)[k] or 0 for r in reports])) if reports else None
                         for k in ("seconds", "forward_passes", "backward_passes", "tokens")}
                 out[name][label] = {"train": first.info, "cost": cost, "selections": [str(d) for d in folders],
                                     **({"scores": file_identity(folders[0] / "scores.parquet")}
-                                       if label in self.external else {}),
+                                       if method in self.external else {}),
                                     "profile": coreset_profile(first.records(self.records),
                                                                self.tokens[first.positions])}
         return out
