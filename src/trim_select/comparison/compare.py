@@ -45,6 +45,7 @@ from ..evaluation.tasks import Task, load_task
 from ..io import atomic_path, file_identity, write_json
 from ..locking import folder_lock
 from ..models import resolve_model_path
+from ..pipeline import PipelineConfig
 from .rows import model_rows
 from .selections import (
     TRIM_METHODS,
@@ -190,6 +191,10 @@ class _Compare:
         self.t_start = time.perf_counter()
         self.git, self.machine = _git_sha(), _machine()  # recorded in every compare.json rewrite
         self.precision = precision(self.recipe, self.config, self.runtime)
+        # the warmup keeps its Table 7 recipe but trains at the fine-tunes' dtype and device (--train-dtype)
+        default = PipelineConfig()
+        self.warmup_pipeline = replace(default, recipe=replace(default.recipe, dtype=self.recipe.dtype,
+                                                               device=self.recipe.device))
 
     # -- inputs --------------------------------------------------------------------------------
     def _pool(self) -> None:
@@ -210,8 +215,8 @@ class _Compare:
         dirs: dict[str, dict[str, list[Path]]] = {t.name: {} for t in self.tasks}
         warm = None
         if WARMUP_METHODS & set(self.methods):
-            warm = shared_warmup(self.pool, self.out / "warmup", self.selection_model, progress=self.progress,
-                                 overwrite=self.overwrite)
+            warm = shared_warmup(self.pool, self.out / "warmup", self.selection_model, pipeline=self.warmup_pipeline,
+                                 progress=self.progress, overwrite=self.overwrite)
         for method in self.methods:
             if method in self.external:
                 for task in self.tasks:
