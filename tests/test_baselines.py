@@ -427,3 +427,26 @@ def test_rds_scores_equal_an_unbatched_last_token_cosine(files, tiny_dir, tmp_pa
     want = (pool @ targets.T).mean(1).numpy()  # LESS's rule: mean cosine to the targets (one group)
     assert np.ptp(want) > 0.01
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_rds_reuses_a_pool_pass_only_for_the_same_tokens_and_gives_the_same_scores(files, tiny_dir, tmp_path):
+    edited = tmp_path / "edited.jsonl"  # same rows and row count, one word changed: other token ids
+    lines = files["pool"].read_text().splitlines()
+    lines[0] = lines[0].replace('"content": "', '"content": "Changed ', 1)
+    edited.write_text("\n".join(lines) + "\n")
+
+    def rds(pool: Path, targets: str, out: str) -> tuple[dict, np.ndarray]:
+        report = run_baseline("rds", pool, files[targets], tmp_path / out, 4, config=_cfg(tiny_dir),
+                              progress=False)
+        return report, pq.read_table(tmp_path / out / "scores.parquet").column("score").to_numpy()
+
+    first, _ = rds(edited, "one", "first")  # the edited pool is this test's own: nothing to reuse
+    assert first["method_info"]["pool_states"] == "computed"
+    second, reused = rds(edited, "two", "second")  # another target set on the same pool: reused
+    assert second["method_info"]["pool_states"] == "reused from this process's identical pass (its cost repeated)"
+    assert second["cost"]["forward_passes"] == first["cost"]["forward_passes"] + 1  # 16 pool rows + 2 targets
+    other, _ = rds(files["pool"], "two", "other")  # the original pool differs in row 0's tokens only
+    assert other["method_info"]["pool_states"] == "computed"
+    fresh, recomputed = rds(edited, "two", "fresh")  # the process keeps one pass: computed again
+    assert fresh["method_info"]["pool_states"] == "computed"
+    np.testing.assert_array_equal(reused, recomputed)

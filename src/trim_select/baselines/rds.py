@@ -126,7 +126,6 @@ def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: d
           summary="cosine of the last token's last-layer hidden state to the target mean (LESS impl.)")
 def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) -> BaselineScores:
     """LESS-style matching of last-token representations, LR-weighted over checkpoints."""
-    from tqdm.auto import tqdm
 
     base_cfg, rt = inputs.base, inputs.base.runtime
     chosen, weights = weighted_checkpoints(base_cfg.model, base_cfg.checkpoints)

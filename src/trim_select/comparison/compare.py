@@ -36,6 +36,7 @@ import numpy as np
 
 from ..config import RenderConfig, RuntimeConfig, config_hash, to_dict
 from ..data import Record, Renderer, read_records
+from ..evaluation.controls import matched_label, method_of
 from ..evaluation.decontamination import DecontaminationConfig, contaminated
 from ..evaluation.harness import EvalConfig
 from ..evaluation.lm_eval_tasks import lm_eval_correct, subset_task_folder
@@ -267,7 +268,7 @@ class _Compare:
             by_label = {m: {s: rows_for(m, k) for k, s in enumerate(self.seeds)} for m in ranked}
             if self.match is not None:
                 for m in [m for m in self.methods if m != self.match]:
-                    by_label[f"{m}@{self.match}-tokens"] = {
+                    by_label[matched_label(m, self.match)] = {
                         s: rows_for(m, k, by_label[self.match][s].info["tokens"]) for k, s in enumerate(self.seeds)}
             units[task.name] = by_label
         return units
@@ -367,7 +368,7 @@ class _Compare:
             out[name] = {}
             for label, by_seed in by_label.items():
                 first = by_seed[self.seeds[0]]
-                method = label.split("@")[0]  # a matched-token label reads its method's selection
+                method = method_of(label)  # a matched-token label reads its method's selection
                 folders = dirs[name][method]
                 reports = [json.loads((d / "run.json").read_text()) for d in folders  # external: optional
                            if method not in self.external or (d / "run.json").exists()]

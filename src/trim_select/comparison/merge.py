@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.controls import method_of
 from ..evaluation.stats import read_rows, write_rows
 from ..io import atomic_path, write_json
 from .tables import compare_markdown, method_means, paired
@@ -72,7 +73,7 @@ def _check_method(where: str, label: str, a: dict[str, Any], b: dict[str, Any]) 
     da, db = a.get("data_digests", {}), b.get("data_digests", {})
     for seed in set(da) & set(db):
         _check_same(where, f"method {label!r} seed {seed} training data digest", da[seed], db[seed])
-    if label.split("@")[0] not in STOCHASTIC_LABELS:
+    if method_of(label) not in STOCHASTIC_LABELS:
         _check_same(where, f"method {label!r} training rows", a["train"], b["train"])
         _check_same(where, f"method {label!r} coreset profile", a["profile"], b["profile"])
     if "scores" in a or "scores" in b:

@@ -17,6 +17,16 @@ import numpy as np
 from ..selection import rank
 
 
+def matched_label(method: str, reference: str) -> str:
+    """The label of ``method``'s coreset at ``reference``'s token total (``--match-tokens``)."""
+    return f"{method}@{reference}-tokens"
+
+
+def method_of(label: str) -> str:
+    """The method behind a label: itself, or the method of a :func:`matched_label`."""
+    return label.split("@", 1)[0]
+
+
 def selectable_ranking(scores: np.ndarray) -> np.ndarray:
     """Pool positions best first (ties to the lower position), without ``-inf``/NaN scores."""
     s = np.asarray(scores, dtype=np.float64)
