@@ -60,7 +60,11 @@ class SelectionCost:
 
     def timed(self, name: str, t0: float) -> None:
         """Add the seconds since ``t0`` to stage ``name``."""
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+        self.add_seconds(name, time.perf_counter() - t0)
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to stage ``name`` (a reused result repeats the seconds it cost)."""
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,

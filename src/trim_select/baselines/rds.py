@@ -96,13 +96,13 @@ def pool_pass_key(identity: dict[str, Any], seqs: list[TokenSequence], batch_tok
 
 def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: dict[str, Any], *,
                          batch_tokens: int, max_batch_size: int, cost: SelectionCost,
-                         progress: bool) -> tuple[torch.Tensor, bool]:
+                         progress: bool, desc: str = "RDS forward") -> tuple[torch.Tensor, bool]:
     """Unit last-token states of the pool and whether they came from this process's last identical pass.
 
     ``compare`` runs RDS once per task on the same pool and model: the pool side does not depend on
     the targets, so the second task reuses the first one's states when :func:`pool_pass_key` (weights,
     dtype, device, token ids, batching) is equal, and repeats its cost in ``cost`` (as TRIM's shared
-    pool pass is reported for every task it served).
+    pool pass is reported for every task it served). Either way the pass's seconds go to ``forward``.
     """
     from tqdm.auto import tqdm
 
@@ -110,15 +110,16 @@ def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: d
     if _LAST_POOL_PASS and _LAST_POOL_PASS[0].key == key:
         done = _LAST_POOL_PASS[0]
         cost.forward(done.forward_passes, done.tokens)
-        cost.seconds["forward"] = round(cost.seconds.get("forward", 0.0) + done.seconds, 3)
+        cost.add_seconds("forward", done.seconds)
         return done.reps, True
     before, t0 = (cost.forward_passes, cost.tokens), time.perf_counter()
-    bar = tqdm(total=len(seqs), desc="RDS forward", unit="ex", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(seqs), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True)
     reps = unit(last_token_states(lm, seqs, batch_tokens=batch_tokens, max_batch_size=max_batch_size,
                                   cost=cost, bar=bar))
     bar.close()
-    _LAST_POOL_PASS[:] = [_PoolPass(key, reps, cost.forward_passes - before[0], cost.tokens - before[1],
-                                    time.perf_counter() - t0)]
+    seconds = time.perf_counter() - t0
+    cost.add_seconds("forward", seconds)
+    _LAST_POOL_PASS[:] = [_PoolPass(key, reps, cost.forward_passes - before[0], cost.tokens - before[1], seconds)]
     return reps, False
 
 
@@ -126,7 +127,6 @@ def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: d
           summary="cosine of the last token's last-layer hidden state to the target mean (LESS impl.)")
 def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) -> BaselineScores:
     """LESS-style matching of last-token representations, LR-weighted over checkpoints."""
-
     base_cfg, rt = inputs.base, inputs.base.runtime
     chosen, weights = weighted_checkpoints(base_cfg.model, base_cfg.checkpoints)
     specs = [str(c.path) for c in chosen] or [base_cfg.model]
@@ -151,13 +151,11 @@ def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) ->
         kw = {"batch_tokens": rt.batch_tokens, "max_batch_size": rt.max_batch_size, "cost": cost}
         tgt = unit(last_token_states(lm, target_seqs, **kw))
         cost.timed("forward", t0)
-        t0 = time.perf_counter()
         reps, was_reused = pool_representations(lm, pool_seqs, identities[-1], batch_tokens=rt.batch_tokens,
                                                 max_batch_size=rt.max_batch_size, cost=cost,
-                                                progress=inputs.progress)
+                                                progress=inputs.progress,
+                                                desc=f"RDS {ckpt.path.name if ckpt else 'forward'}")
         reused.append(was_reused)
-        if not was_reused:
-            cost.timed("forward", t0)  # a reused pass added the original pass's seconds itself
         match.add(reps, tgt, w, ckpt.step if ckpt else None)
         del lm
     score, columns = match.finish(pool_seqs)
