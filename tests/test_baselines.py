@@ -450,3 +450,26 @@ def test_rds_reuses_a_pool_pass_only_for_the_same_tokens_and_gives_the_same_scor
     fresh, recomputed = rds(edited, "two", "fresh")  # the process keeps one pass: computed again
     assert fresh["method_info"]["pool_states"] == "computed"
     np.testing.assert_array_equal(reused, recomputed)
+
+
+def test_rds_on_warmup_checkpoints_reuses_each_checkpoints_pool_pass(files, warmup_dir, tmp_path):
+    cfg = BaselineConfig(model=str(warmup_dir), runtime=RuntimeConfig(device="cpu", dtype="float32"))
+    edited = tmp_path / "edited.jsonl"  # this test's own pool, so no earlier test's pass is reused
+    lines = files["pool"].read_text().splitlines()
+    lines[1] = lines[1].replace('"content": "', '"content": "Warm ', 1)
+    edited.write_text("\n".join(lines) + "\n")
+
+    def rds(pool: Path, targets: str, out: str) -> tuple[dict, np.ndarray]:
+        report = run_baseline("rds", pool, files[targets], tmp_path / out, 4, config=cfg, progress=False)
+        return report, pq.read_table(tmp_path / out / "scores.parquet").column("score").to_numpy()
+
+    first, _ = rds(edited, "one", "first")
+    second, reused = rds(edited, "two", "second")  # both checkpoints' passes kept, not only the last one
+    assert len(second["method_info"]["checkpoints"]) == 2
+    assert first["method_info"]["pool_states"] == "computed"
+    assert second["method_info"]["pool_states"] == "reused from this process's identical pass (its cost repeated)"
+    assert second["cost"]["forward_passes"] == first["cost"]["forward_passes"] + 2  # 2 checkpoints x 1 target more
+    rds(files["pool"], "two", "other")  # another pool drops the kept passes
+    fresh, recomputed = rds(edited, "two", "fresh")
+    assert fresh["method_info"]["pool_states"] == "computed"
+    np.testing.assert_allclose(reused, recomputed, rtol=0, atol=0)

@@ -1,12 +1,29 @@
-"""Progress bars and cheap row counts shared by the selector and the engines."""
+"""Progress bars, stage timers and cheap row counts shared by the selector, the engines and the baselines."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
+
+
+@dataclass
+class StageTimes:
+    """Seconds per named stage, as reported in ``run.json`` (``stage_seconds``)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, name: str, t0: float) -> None:
+        """Add the seconds since ``t0`` (a ``time.perf_counter()`` reading) to stage ``name``."""
+        self.add_seconds(name, time.perf_counter() - t0)
+
+    def add_seconds(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to stage ``name`` (a reused result repeats the seconds it cost)."""
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 3)
 
 
 class NoBar:

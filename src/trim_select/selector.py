@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -43,18 +43,10 @@ from .io import RejectWriter, ScoreWriter, file_identity
 from .locking import folder_lock
 from .models import LoadedModel, load_model
 from .outputs import RunReport, add_selection, duplicate_ids, select_report, write_selection
-from .progress import count_rows, progress_bar
+from .progress import StageTimes, count_rows, progress_bar
 from .scoring import Scorer, token_idf
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageTimes:
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, t0: float) -> None:
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 class TrimSelector:
@@ -91,7 +83,7 @@ class TrimSelector:
             rt = self.runtime
             self._lm = load_model(self.model_spec, device=rt.device, dtype=rt.dtype,
                                   trust_remote_code=rt.trust_remote_code)
-            self.times.add("load_model", t0)
+            self.times.timed("load_model", t0)
         return self._lm
 
     def worker_model_spec(self) -> str:
@@ -163,7 +155,7 @@ class TrimSelector:
             fp.meta["targets"] = file_identity(targets)
             fp.meta["stage1_key"] = self.stage1_key(targets, format)
         self.fingerprints = fp
-        self.times.add("stage1_fingerprints", t0)
+        self.times.timed("stage1_fingerprints", t0)
         return self
 
     def stage1_key(self, targets: str | Path, format: str | None = None) -> str:
@@ -219,7 +211,7 @@ class TrimSelector:
         if sc.idf:
             t1 = time.perf_counter()
             idf = self.pool_idf(pool, format=format, skip_invalid=skip_invalid)
-            self.times.add("idf", t1)
+            self.times.timed("idf", t1)
         scorer = self.make_scorer(idf)
         stats = ReadStats()
         rejects = RejectWriter(out_dir / "rejected.jsonl")
@@ -245,7 +237,7 @@ class TrimSelector:
         self.stats["pool"] = stats.to_dict()
         self.stats["pool"]["truncated"] = column_sum(table, "n_truncated", count_nonzero=True)
         self.stats["pool"]["tokens"] = column_sum(table, "n_tokens")
-        self.times.add("stage2_scoring", t0)
+        self.times.timed("stage2_scoring", t0)
         return table
 
     def generic_fingerprints(self) -> Fingerprints | None:
@@ -332,7 +324,7 @@ class TrimSelector:
         t0 = time.perf_counter()
         table, chosen = write_selection(pool, out_dir, table, budget, format=format,
                                         digest=self.scored_pool["xxh3_128"] if self.scored_pool else None)
-        self.times.add("selection", t0)
+        self.times.timed("selection", t0)
         fp = self.fingerprints
         return select_report(
             pool=pool, budget=budget, table=table, chosen=chosen, stats=self.stats,

@@ -8,7 +8,6 @@ writes the same output layout as ``trim-select select``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..config import RenderConfig, RuntimeConfig, documented
 from ..data import Record
+from ..progress import StageTimes
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class BaselineConfig:
 
 
 @dataclass
-class SelectionCost:
-    """What the selection spent, reported in ``run.json`` beside wall time.
+class SelectionCost(StageTimes):
+    """What the selection spent, reported in ``run.json`` beside wall time (stage seconds: ``timed``).
 
     A *pass* is one example through the model (a batch of 8 sequences counts 8 forward passes);
     ``tokens`` counts non-padding tokens that went through the model (forward; a backward pass
@@ -48,7 +48,6 @@ class SelectionCost:
     backward_tokens: int = 0
     text_tokens: int = 0  # lexical methods: words/terms processed (no model involved)
     model_loads: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
 
     def forward(self, n_examples: int, n_tokens: int) -> None:
         self.forward_passes += int(n_examples)
@@ -57,14 +56,6 @@ class SelectionCost:
     def backward(self, n_examples: int, n_tokens: int) -> None:
         self.backward_passes += int(n_examples)
         self.backward_tokens += int(n_tokens)
-
-    def timed(self, name: str, t0: float) -> None:
-        """Add the seconds since ``t0`` to stage ``name``."""
-        self.add_seconds(name, time.perf_counter() - t0)
-
-    def add_seconds(self, name: str, seconds: float) -> None:
-        """Add ``seconds`` to stage ``name`` (a reused result repeats the seconds it cost)."""
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 3)
 
     def to_dict(self) -> dict[str, Any]:
         return {"forward_passes": self.forward_passes, "backward_passes": self.backward_passes,

@@ -77,38 +77,61 @@ class _PoolPass:
     seconds: float
 
 
-_LAST_POOL_PASS: list[_PoolPass] = []  # the last pool pass of this process (one pool at a time)
+class _PoolPasses:
+    """This process's pool passes of the current pool, one per model (a warmup's checkpoints each have
+    one); a pass over another pool, or other batching, drops them (one pool at a time: ``N x d``
+    floats per model)."""
+
+    def __init__(self) -> None:
+        self.pool = ""
+        self.passes: dict[str, _PoolPass] = {}
+
+    def get(self, pool: str, key: str) -> _PoolPass | None:
+        return self.passes.get(key) if pool == self.pool else None
+
+    def put(self, pool: str, done: _PoolPass) -> None:
+        if pool != self.pool:
+            self.pool, self.passes = pool, {}
+        self.passes[done.key] = done
 
 
-def pool_pass_key(identity: dict[str, Any], seqs: list[TokenSequence], batch_tokens: int, max_batch_size: int) -> str:
-    """What the pool representations depend on: the model's weights hash, dtype and device, every
-    pool token id and the batch plan (padding changes the float sums in the last bits)."""
+_POOL_PASSES = _PoolPasses()
+
+
+def pool_digest(seqs: list[TokenSequence], batch_tokens: int, max_batch_size: int) -> str:
+    """What the pool side of a pass depends on besides the model: every pool token id and the batch
+    plan (padding changes the float sums in the last bits)."""
     import xxhash
 
     h = xxhash.xxh3_128()
-    h.update(repr((identity["sha256"], identity["dtype"], identity["device"], batch_tokens, max_batch_size,
-                   len(seqs))).encode())
+    h.update(repr((batch_tokens, max_batch_size, len(seqs))).encode())
     for s in seqs:
         h.update(np.int64(len(s)).tobytes())
         h.update(np.ascontiguousarray(s.input_ids, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 
+def model_pass_key(identity: dict[str, Any]) -> str:
+    """What the pool side of a pass depends on in the model: its weights hash, dtype and device."""
+    return repr((identity["sha256"], identity["dtype"], identity["device"]))
+
+
 def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: dict[str, Any], *,
                          batch_tokens: int, max_batch_size: int, cost: SelectionCost,
                          progress: bool, desc: str = "RDS forward") -> tuple[torch.Tensor, bool]:
-    """Unit last-token states of the pool and whether they came from this process's last identical pass.
+    """Unit last-token states of the pool and whether they came from an identical pass of this process.
 
     ``compare`` runs RDS once per task on the same pool and model: the pool side does not depend on
-    the targets, so the second task reuses the first one's states when :func:`pool_pass_key` (weights,
-    dtype, device, token ids, batching) is equal, and repeats its cost in ``cost`` (as TRIM's shared
-    pool pass is reported for every task it served). Either way the pass's seconds go to ``forward``.
+    the targets, so the second task reuses the first one's states when the pool (:func:`pool_digest`:
+    token ids, batching) and the model (:func:`model_pass_key`: weights, dtype, device) are equal, and
+    repeats its cost in ``cost`` (as TRIM's shared pool pass is reported for every task it served).
+    Either way the pass's seconds go to ``forward``.
     """
     from tqdm.auto import tqdm
 
-    key = pool_pass_key(identity, seqs, batch_tokens, max_batch_size)
-    if _LAST_POOL_PASS and _LAST_POOL_PASS[0].key == key:
-        done = _LAST_POOL_PASS[0]
+    pool, key = pool_digest(seqs, batch_tokens, max_batch_size), model_pass_key(identity)
+    done = _POOL_PASSES.get(pool, key)
+    if done is not None:
         cost.forward(done.forward_passes, done.tokens)
         cost.add_seconds("forward", done.seconds)
         return done.reps, True
@@ -119,7 +142,8 @@ def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: d
     bar.close()
     seconds = time.perf_counter() - t0
     cost.add_seconds("forward", seconds)
-    _LAST_POOL_PASS[:] = [_PoolPass(key, reps, cost.forward_passes - before[0], cost.tokens - before[1], seconds)]
+    _POOL_PASSES.put(pool, _PoolPass(key, reps, cost.forward_passes - before[0], cost.tokens - before[1],
+                                     seconds))
     return reps, False
 
 

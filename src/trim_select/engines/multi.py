@@ -169,7 +169,7 @@ def score_pool_many(sel: TrimSelector, pool: str | Path, dirs: Mapping[str, Path
     bar.close()
     for r in rejects:
         r.close()
-    sel.times.add("stage2_scoring", t0)
+    sel.times.timed("stage2_scoring", t0)
     return writers, stats
 
 
