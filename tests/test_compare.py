@@ -13,7 +13,10 @@ from trim_select.comparison import compare
 from trim_select.comparison.selections import ranking_of, training_rows
 from trim_select.comparison.tables import paired
 from trim_select.config import RuntimeConfig
+from trim_select.data import read_records
 from trim_select.evaluation import EvalConfig, evaluation_recipe
+from trim_select.evaluation.controls import shuffled_order
+from trim_select.evaluation.runner import data_digest
 
 POOL = [
     ("cot", "How many clips did Natalia sell?", "48 + 24 = 72\n#### 72"),
@@ -221,3 +224,27 @@ def test_an_external_selection_without_run_json_gets_its_equal_token_row(tmp_pat
         matched, bm25 = task["methods"]["mine@bm25-tokens"], task["methods"]["bm25"]
         assert matched["train"]["tokens"] == bm25["train"]["tokens"] and matched["cost"]["seconds"] is None
         assert "xxh3_128" in matched["scores"]  # the identity of the ranking it was cut from
+
+
+def test_order_control_trains_the_same_rows_in_another_order_and_reports_the_floor(tmp_path, setup):
+    dirs, pool, kw = setup
+    out = tmp_path / "aa"
+    summary = compare(dirs[:1], pool, "4", ["bm25"], out, order_control="bm25", **kw)
+    assert summary["labels"] == ["bm25", "bm25~shuffled"] and summary["controls"]["order_control"] == "bm25"
+    quiz = summary["tasks"]["quiz"]
+    own, aa = quiz["methods"]["bm25"], quiz["methods"]["bm25~shuffled"]
+    assert aa["profile"] == own["profile"] and aa["train"]["tokens"] == own["train"]["tokens"]
+    assert aa["train"]["order"] == "shuffled per seed" and aa["seeds_done"] == [0, 1]
+    records = list(read_records(pool))
+    rows = training_rows(*ranking_of(out / "select" / "quiz" / "bm25", len(records)), "4", len(records),
+                         np.ones(len(records), dtype=np.int64))
+    for s in (0, 1):  # each seed trains bm25's rows in that seed's shuffled order, and only that
+        order = shuffled_order(rows.positions, s)
+        assert sorted(order.tolist()) == sorted(rows.positions.tolist()) and order.tolist() != rows.positions.tolist()
+        assert own["data_digests"][str(s)] == data_digest([records[i] for i in rows.positions])
+        assert aa["data_digests"][str(s)] == data_digest([records[i] for i in order])
+    floor = next(r for r in quiz["paired"]["pairs"]["answer_nll"] if {r["a"], r["b"]} == {"bm25", "bm25~shuffled"})
+    assert abs(floor["mean_diff"]) < 1e-4  # 4 rows, batch 4, one epoch: one batch, so the order cannot matter
+    assert "Order noise floor (A/A): `bm25` − `bm25~shuffled`" in (out / "compare.md").read_text()
+    with pytest.raises(ValueError, match="--order-control 'trim' is not among the methods"):
+        compare(dirs[:1], pool, "4", ["bm25"], tmp_path / "bad", order_control="trim", **kw)

@@ -1,9 +1,18 @@
-"""Equal-token control (--match-tokens) and fill-up to the budget (evaluation/controls.py)."""
+"""Equal-token control (--match-tokens), fill-up to the budget and the A/A order control (evaluation/controls.py)."""
 
 import numpy as np
 import pytest
 
-from trim_select.evaluation.controls import fill_to_budget, match_tokens, prefix_for_tokens, selectable_ranking
+from trim_select.evaluation.controls import (
+    fill_to_budget,
+    match_tokens,
+    matched_label,
+    method_of,
+    prefix_for_tokens,
+    selectable_ranking,
+    shuffled_label,
+    shuffled_order,
+)
 
 
 def test_longer_coreset_is_trimmed_from_the_bottom_and_shorter_extended_with_next_ranked():
@@ -57,3 +66,17 @@ def test_rejected_rows_are_not_in_a_ranking_and_fill_up_reaches_the_budget():
     assert selectable_ranking(scores).tolist() == [2, 4, 0]
     # a filter left 2 of a budget of 4: filled with the next rows of the fallback ranking
     assert fill_to_budget(np.array([3, 2, 1, 0, 4]), np.array([2, 4]), 4).tolist() == [2, 4, 3, 1]
+
+
+def test_shuffled_order_keeps_the_rows_changes_their_order_and_repeats_per_seed():
+    positions = np.array([7, 3, 9, 1, 4, 8])
+    a, again, other = shuffled_order(positions, 0), shuffled_order(positions, 0), shuffled_order(positions, 1)
+    assert sorted(a.tolist()) == sorted(positions.tolist()) and not np.array_equal(a, positions)
+    assert np.array_equal(a, again) and not np.array_equal(a, other)
+    assert shuffled_order(np.array([5, 6]), 0).tolist() == [6, 5]  # two rows: the only other order
+    assert shuffled_order(np.array([5]), 0).tolist() == [5]
+
+
+def test_a_control_label_names_its_method():
+    assert method_of(shuffled_label("bm25")) == "bm25" and method_of(matched_label("trim", "bm25")) == "trim"
+    assert method_of("trim-layer-20") == "trim-layer-20"

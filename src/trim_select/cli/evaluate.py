@@ -143,6 +143,10 @@ def _external_selections(items: list[str]) -> dict[str, Path]:
     return external
 
 
+ORDER_HELP = ("A/A noise floor: also train this method's rows in a shuffled order (rows labelled METHOD~shuffled); "
+              "its gap to METHOD is what the training order alone moves.")
+
+
 @app.command("compare")
 @friendly_errors
 @with_options(SCORING, TRAINING)
@@ -171,6 +175,7 @@ def compare_cmd(
     match_tokens: Annotated[str | None, typer.Option(
         "--match-tokens", help="Also train every other method on its ranking's prefix with this method's "
                                "token total (rows labelled METHOD@REF-tokens).")] = None,
+    order_control: Annotated[str | None, typer.Option("--order-control", help=ORDER_HELP)] = None,
     decontaminate: Annotated[bool, typer.Option(
         "--decontaminate", help="Drop pool rows whose word 13-grams overlap a test row of the task (they "
                                 "are listed in compare.json either way).")] = False,
@@ -197,11 +202,10 @@ def compare_cmd(
     if seed is not None and (len(set(seed)) != len(seed) or min(seed) < 0):
         raise typer.BadParameter(f"--seed {seed}: expected distinct seeds >= 0")
     compare(task, pool, budget, method_list, out, seeds=seed if seed else seeds, model=model,
-            selection_model=selection_model,
-            recipe=recipe, config=config, lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
-            match_tokens=match_tokens, selections=external,
-            decontaminate=decontaminate, runtime=RuntimeConfig(device=config.device, dtype=config.dtype),
-            baseline=baseline,
+            selection_model=selection_model, recipe=recipe, config=config, lm_eval_limit=lm_eval_limit,
+            lm_eval_batch_size=lm_eval_batch_size, match_tokens=match_tokens, order_control=order_control,
+            selections=external, decontaminate=decontaminate,
+            runtime=RuntimeConfig(device=config.device, dtype=config.dtype), baseline=baseline,
             progress=not quiet, overwrite=overwrite)
     typer.echo((out / "compare.md").read_text(encoding="utf-8"))
     console.print(f"[bold green]done[/] -> {out / 'compare.json'}, {out / 'compare.md'}", highlight=False)

@@ -2,7 +2,7 @@
 
 Each method selects ``budget`` of the pool per task (:mod:`.selections`: TRIM for all tasks in one
 pool pass, ``trim-warmup`` on the shared warmup, baselines through ``run_baseline``), the controls
-make the coresets comparable (fill-up, ``decontaminate``, ``match_tokens``), and each coreset is
+make the coresets comparable (fill-up, ``decontaminate``, ``match_tokens``, ``order_control``), and each coreset is
 LoRA-fine-tuned with one recipe per seed and scored (:func:`trim_select.evaluation.train_and_evaluate`):
 answer NLL and accuracy on ``config.limit`` test rows (seeded subset; all rows when ``None``),
 lm-eval on the first ``lm_eval_limit`` of them. Per-row results of every (method, seed, row) go to
@@ -21,9 +21,6 @@ Output folder (resumable per (task, method, seed); ``compare.json``/``.md`` rewr
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,7 +33,7 @@ import numpy as np
 
 from ..config import RenderConfig, RuntimeConfig, config_hash, to_dict
 from ..data import Record, Renderer, read_records
-from ..evaluation.controls import matched_label, method_of
+from ..evaluation.controls import matched_label, method_of, shuffled_label, shuffled_order
 from ..evaluation.decontamination import DecontaminationConfig, contaminated
 from ..evaluation.harness import EvalConfig
 from ..evaluation.lm_eval_tasks import lm_eval_correct, subset_task_folder
@@ -47,11 +44,13 @@ from ..io import atomic_path, file_identity, write_json
 from ..locking import folder_lock
 from ..models import resolve_model_path
 from ..pipeline import PipelineConfig
+from .provenance import git_sha, machine, precision
 from .rows import model_rows
 from .selections import (
     TRIM_METHODS,
     TRIM_VARIANTS,
     WARMUP_METHODS,
+    TrainingRows,
     external_selection,
     ranking_of,
     run_selection,
@@ -82,39 +81,6 @@ def coreset_profile(records: Sequence[Record], lengths: Sequence[int]) -> dict[s
             "mean_tokens": float(np.mean(lengths)) if len(lengths) else None}
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-
-
-def precision(recipe: Any, config: EvalConfig, runtime: RuntimeConfig) -> dict[str, str]:
-    """What ``auto`` resolves to on this machine: the selection, fine-tuning autocast and inference dtypes
-    and devices (``auto`` is bf16 on a CPU with AVX512-BF16 and float32 on one without, so the recorded
-    settings alone do not say how a result was computed)."""
-    from ..models import resolve_device, resolve_dtype, resolve_train_dtype
-
-    train_dev, eval_dev, sel_dev = (resolve_device(x) for x in (recipe.device, config.device, runtime.device))
-    return {"train_device": train_dev.type, "train_dtype": str(resolve_train_dtype(recipe.dtype, train_dev)),
-            "eval_device": eval_dev.type, "eval_dtype": str(resolve_dtype(config.dtype, eval_dev)),
-            "select_device": sel_dev.type, "select_dtype": str(resolve_dtype(runtime.dtype, sel_dev))}
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def compare(
     tasks: Sequence[str | Path],
     pool: str | Path,
@@ -130,6 +96,7 @@ def compare(
     lm_eval_limit: int = 0,
     lm_eval_batch_size: int = 8,
     match_tokens: str | None = None,
+    order_control: str | None = None,
     decontaminate: bool = False,
     selections: Mapping[str, str | Path] | None = None,
     runtime: RuntimeConfig | None = None,
@@ -142,13 +109,16 @@ def compare(
     ``lm_eval_batch_size``: requests per lm-eval forward (greedy decoding at 1 is ~10 s per ``gsm`` row on a
     2-core CPU). ``config.limit``: test rows for the answer NLL (a seeded subset; ``None``: all). ``match_tokens``:
     also train every other method on the prefix of its ranking with that method's token total
-    (labelled ``<method>@<ref>-tokens``). ``out_dir`` is locked; results keyed on the inputs'
-    content digests are reused, and a changed pool or targets file is refused unless ``overwrite``."""
+    (labelled ``<method>@<ref>-tokens``). ``order_control``: also train that method's rows in a shuffled order
+    (``<method>~shuffled``, an A/A noise floor; :mod:`trim_select.evaluation.controls`). ``out_dir`` is
+    locked; results keyed on the inputs' content digests are reused, and a changed pool or targets file is
+    refused unless ``overwrite``."""
     with folder_lock(out_dir, "compare"):
         run = _Compare(tasks, pool, budget, methods, out_dir, seeds=seeds, model=model,
                        selection_model=selection_model, recipe=recipe, config=config,
                        lm_eval_limit=lm_eval_limit, lm_eval_batch_size=lm_eval_batch_size,
-                       match_tokens=match_tokens, decontaminate=decontaminate, selections=selections or {},
+                       match_tokens=match_tokens, order_control=order_control, decontaminate=decontaminate,
+                       selections=selections or {},
                        runtime=runtime, baseline=baseline, progress=progress, overwrite=overwrite)
         return run.execute()
 
@@ -173,8 +143,9 @@ class _Compare:
         if not self.seeds:
             raise ValueError("compare needs at least one seed")
         methods = [*methods, *self.external]
-        if kw["match_tokens"] is not None and kw["match_tokens"] not in methods:
-            raise ValueError(f"--match-tokens {kw['match_tokens']!r} is not among the methods {methods}")
+        for option in ("match_tokens", "order_control"):
+            if kw[option] is not None and kw[option] not in methods:
+                raise ValueError(f"--{option.replace('_', '-')} {kw[option]!r} is not among the methods {methods}")
         self.tasks = [load_task(t) for t in tasks]
         if len({t.name for t in self.tasks}) != len(self.tasks):
             raise ValueError("two task folders share a name; their results would collide")
@@ -185,12 +156,12 @@ class _Compare:
         self.recipe = kw["recipe"] if kw["recipe"] is not None else evaluation_recipe(self.config.device)
         self.runtime = kw["runtime"] if kw["runtime"] is not None else RuntimeConfig()
         self.lm_eval_limit, self.lm_eval_batch = kw["lm_eval_limit"], kw["lm_eval_batch_size"]
-        self.match = kw["match_tokens"]
+        self.match, self.order = kw["match_tokens"], kw["order_control"]
         self.decontaminate = kw["decontaminate"]
         self.baseline, self.progress, self.overwrite = kw["baseline"], kw["progress"], kw["overwrite"]
         self.data_digests: dict[str, dict[str, dict[str, str]]] = {}  # task -> label -> seed -> training data
         self.t_start = time.perf_counter()
-        self.git, self.machine = _git_sha(), _machine()  # recorded in every compare.json rewrite
+        self.git, self.machine = git_sha(), machine()  # recorded in every compare.json rewrite
         self.precision = precision(self.recipe, self.config, self.runtime)
         # the warmup keeps its Table 7 recipe but trains at the fine-tunes' dtype and device (--train-dtype)
         default = PipelineConfig()
@@ -270,6 +241,10 @@ class _Compare:
                 for m in [m for m in self.methods if m != self.match]:
                     by_label[matched_label(m, self.match)] = {
                         s: rows_for(m, k, by_label[self.match][s].info["tokens"]) for k, s in enumerate(self.seeds)}
+            if self.order is not None:  # the A/A control: the same rows, another order per seed
+                by_label[shuffled_label(self.order)] = {
+                    s: TrainingRows(shuffled_order(t.positions, s), {**t.info, "order": "shuffled per seed"})
+                    for s, t in by_label[self.order].items()}
             units[task.name] = by_label
         return units
 
@@ -348,7 +323,8 @@ class _Compare:
             "labels": list(next(iter(profiles.values()))) if profiles else [], "seeds": self.seeds,
             "recipe": to_dict(replace(self.recipe, seed=0)), "eval_config": to_dict(self.config),
             "lm_eval_limit": self.lm_eval_limit, "precision": self.precision,
-            "controls": {"fill_to_budget": True, "decontaminate": self.decontaminate, "match_tokens": self.match},
+            "controls": {"fill_to_budget": True, "decontaminate": self.decontaminate, "match_tokens": self.match,
+                         "order_control": self.order},
             "pool_profile": self.pool_profile, "complete": complete, "tasks": {},
             "wall_seconds_this_run": round(time.perf_counter() - self.t_start, 3)}
         for task in self.tasks:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..evaluation.controls import method_of, shuffled_label
 from ..evaluation.stats import BootstrapConfig, pairwise, seed_averaged
 
 PAIRED_METRICS: tuple[str, ...] = ("answer_nll", "correct", "lm_eval_correct")
@@ -127,6 +128,18 @@ def task_markdown(name: str, t: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {r['a']} | {r['b']} | {seeds} | {r['mean_diff'] * scale:+.4f} | "
                          f"[{r['low'] * scale:+.4f}, {r['high'] * scale:+.4f}] | {r['n']} | "
                          f"{'*' if r['excludes_zero'] else ''} | {per_seed} | {agree} |")
+    return lines + order_floor(t)
+
+
+def order_floor(t: Mapping[str, Any]) -> list[str]:
+    """The A/A line of ``--order-control``: a method against its own rows in another order."""
+    lines = []
+    for label in [lb for lb in t["methods"] if lb != method_of(lb) and lb == shuffled_label(method_of(lb))]:
+        for r in t["paired"]["pairs"].get("answer_nll", []):
+            if {r["a"], r["b"]} == {label, method_of(label)}:
+                lines += ["", f"Order noise floor (A/A): `{r['a']}` − `{r['b']}` answer NLL {r['mean_diff']:+.4f} "
+                          f"[{r['low']:+.4f}, {r['high']:+.4f}] over seeds {r.get('seeds', [])}: the same rows in "
+                          "another order; gaps between methods of this size are the training order, not the choice."]
     return lines
 
 

@@ -1,4 +1,5 @@
-"""Controls for a fair comparison of selectors: equal training tokens and DSIR-style fill-up.
+"""Controls for a fair comparison of selectors: equal training tokens, DSIR-style fill-up, and an
+A/A order control.
 
 ``--match-tokens METHOD``: BM25's 5% can carry 40% more tokens than TRIM's 5%, so a loss gap may
 be tokens, not choice. :func:`match_tokens` gives every method the coreset whose token total is
@@ -6,6 +7,11 @@ closest to METHOD's: the shortest prefix of the method's own ranking (best first
 token count reaches the target, or the one before it when that is closer. A method whose budget
 coreset is larger is therefore trimmed from the bottom of its ranking; a smaller one is extended
 with its next-ranked rows. Rows with a non-finite score (never selectable) are not in a ranking.
+
+``--order-control METHOD``: the fine-tune sees a coreset in its given order (best first) before its
+own seeded shuffling, so the same rows in another order train another model. The control trains
+METHOD's rows once more in a seeded random order (:func:`shuffled_order`): its gap to METHOD is what
+the order alone moves the metrics, a measured noise floor for the gaps between methods.
 """
 
 from __future__ import annotations
@@ -22,9 +28,26 @@ def matched_label(method: str, reference: str) -> str:
     return f"{method}@{reference}-tokens"
 
 
+def shuffled_label(method: str) -> str:
+    """The label of ``method``'s coreset in a shuffled training order (``--order-control``)."""
+    return f"{method}~shuffled"
+
+
 def method_of(label: str) -> str:
-    """The method behind a label: itself, or the method of a :func:`matched_label`."""
-    return label.split("@", 1)[0]
+    """The method behind a label: itself, or the method of a :func:`matched_label` or :func:`shuffled_label`."""
+    return label.split("@", 1)[0].split("~", 1)[0]
+
+
+ORDER_SALT = 0x0A0A  # the shuffled order's stream is apart from every other use of the run's seed
+
+
+def shuffled_order(positions: np.ndarray, seed: int) -> np.ndarray:
+    """The same rows in a seeded random order that differs from the given one (when it can)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    out = positions[np.random.default_rng([ORDER_SALT, int(seed)]).permutation(len(positions))]
+    if len(out) > 1 and np.array_equal(out, positions):
+        out = np.roll(out, 1)
+    return out
 
 
 def selectable_ranking(scores: np.ndarray) -> np.ndarray:
