@@ -98,7 +98,7 @@ class _PoolPasses:
 _POOL_PASSES = _PoolPasses()
 
 
-def pool_digest(seqs: list[TokenSequence], batch_tokens: int, max_batch_size: int) -> str:
+def pool_tokens_digest(seqs: list[TokenSequence], batch_tokens: int, max_batch_size: int) -> str:
     """What the pool side of a pass depends on besides the model: every pool token id and the batch
     plan (padding changes the float sums in the last bits)."""
     import xxhash
@@ -116,20 +116,21 @@ def model_pass_key(identity: dict[str, Any]) -> str:
     return repr((identity["sha256"], identity["dtype"], identity["device"]))
 
 
-def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: dict[str, Any], *,
+def pool_representations(lm: LoadedModel, seqs: list[TokenSequence], identity: dict[str, Any], pool: str, *,
                          batch_tokens: int, max_batch_size: int, cost: SelectionCost,
                          progress: bool, desc: str = "RDS forward") -> tuple[torch.Tensor, bool]:
     """Unit last-token states of the pool and whether they came from an identical pass of this process.
 
     ``compare`` runs RDS once per task on the same pool and model: the pool side does not depend on
-    the targets, so the second task reuses the first one's states when the pool (:func:`pool_digest`:
-    token ids, batching) and the model (:func:`model_pass_key`: weights, dtype, device) are equal, and
-    repeats its cost in ``cost`` (as TRIM's shared pool pass is reported for every task it served).
+    the targets, so the second task reuses the first one's states when the pool (``pool``, its
+    :func:`pool_tokens_digest`: token ids, batching) and the model (:func:`model_pass_key`: weights,
+    dtype, device) are equal, and repeats its cost in ``cost`` (as TRIM's shared pool pass is reported
+    for every task it served).
     Either way the pass's seconds go to ``forward``.
     """
     from tqdm.auto import tqdm
 
-    pool, key = pool_digest(seqs, batch_tokens, max_batch_size), model_pass_key(identity)
+    key = model_pass_key(identity)
     done = _POOL_PASSES.get(pool, key)
     if done is not None:
         cost.forward(done.forward_passes, done.tokens)
@@ -158,6 +159,7 @@ def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) ->
     match = CheckpointMatching(n, inputs.targets, config.group_field, len(specs) > 1)
     pool_seqs: list[TokenSequence] | None = None
     target_seqs: list[TokenSequence] | None = None
+    pool_key = ""  # the pool's tokens digest, set with pool_seqs
     identities, reused = [], []
     for spec, w, ckpt in zip(specs, weights, chosen or [None], strict=True):
         t0 = time.perf_counter()
@@ -171,13 +173,14 @@ def score_rds(inputs: BaselineInputs, config: RDSConfig, cost: SelectionCost) ->
             pool_seqs = [renderer(r) for r in inputs.pool]
             target_seqs = [renderer(r) for r in inputs.targets]
             cost.timed("render", t0)
+            pool_key = pool_tokens_digest(pool_seqs, rt.batch_tokens, rt.max_batch_size)  # once, not per checkpoint
         t0 = time.perf_counter()
         kw = {"batch_tokens": rt.batch_tokens, "max_batch_size": rt.max_batch_size, "cost": cost}
         tgt = unit(last_token_states(lm, target_seqs, **kw))
         cost.timed("forward", t0)
-        reps, was_reused = pool_representations(lm, pool_seqs, identities[-1], batch_tokens=rt.batch_tokens,
-                                                max_batch_size=rt.max_batch_size, cost=cost,
-                                                progress=inputs.progress,
+        reps, was_reused = pool_representations(lm, pool_seqs, identities[-1], pool_key,
+                                                batch_tokens=rt.batch_tokens, max_batch_size=rt.max_batch_size,
+                                                cost=cost, progress=inputs.progress,
                                                 desc=f"RDS {ckpt.path.name if ckpt else 'forward'}")
         reused.append(was_reused)
         match.add(reps, tgt, w, ckpt.step if ckpt else None)
